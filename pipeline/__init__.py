@@ -1,0 +1,1 @@
+"""Recipe, run folder, stages and the `repq` command line."""

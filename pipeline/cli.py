@@ -1,0 +1,49 @@
+"""The `repq` command line: one sub-command per stage, each defined in its own module.
+
+Every command module exposes ``add_arguments(parser)`` and ``run(args) -> int``; the table below maps the
+command name to that module and a one-line help, so `repq --help` lists everything without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from reparam.errors import RepqError
+
+# name -> (module, one-line help). The module is imported only when its command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("pipeline.commands.models", "list the model zoo, or check that a model fuses exactly"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="repq", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text).set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # Parse the command name first, then let its module add its own arguments.
+    first, _ = parser.parse_known_args(argv[:1])
+    if first.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(first._module)
+    sub = argparse.ArgumentParser(prog=f"repq {first.command}", description=COMMANDS[first.command][1])
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except RepqError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

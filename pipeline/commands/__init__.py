@@ -1,0 +1,1 @@
+"""One module per `repq` sub-command."""
