@@ -1,0 +1,216 @@
+"""OpenVINO on the CPU: runs an FP32 ONNX file, or the TensorRT-placement QDQ file unchanged, on x86.
+
+OpenVINO reads explicit-quantization Q/DQ graphs the way TensorRT does (Q/DQ pairs around a conv become an
+INT8 convolution), so the artifact built for the GPU gets an accuracy and speed check on any CPU. Which layers
+really run in INT8 is read back from the compiled model, never assumed from the graph.
+
+`import openvino` happens only inside this module, on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engines.timing import LatencyStats, latency_stats, time_calls, topk_accuracy
+from reparam.errors import RepqError
+
+# Layer types of the compiled CPU graph that do the arithmetic; INT8 coverage is counted over these.
+COMPUTE_LAYER_TYPES = frozenset(
+    {"Convolution", "GroupConvolution", "Deconvolution", "GroupDeconvolution", "FullyConnected", "MatMul"}
+)
+INT8_PRECISIONS = frozenset({"i8", "u8"})
+# Layer types that are bookkeeping, not layers a user wants to read about.
+_SKIPPED_LAYER_TYPES = frozenset({"Input", "Output", "Const", "Parameter", "Result"})
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError as err:
+        raise RepqError(f"OpenVINO is not installed ({err}): pip install -e '.[openvino]'") from err
+    return openvino
+
+
+def openvino_available() -> str | None:
+    """None when OpenVINO can run here, else the one-line reason it cannot."""
+    try:
+        _openvino()
+    except RepqError as err:
+        return str(err)
+    return None
+
+
+@dataclass(frozen=True)
+class LayerPrecision:
+    """One layer of the compiled graph: its type, its run precision, and the ONNX nodes fused into it."""
+
+    name: str
+    layer_type: str
+    precision: str
+    original_names: tuple[str, ...]
+
+    @property
+    def is_compute(self) -> bool:
+        return self.layer_type in COMPUTE_LAYER_TYPES
+
+    @property
+    def is_int8(self) -> bool:
+        return self.precision in INT8_PRECISIONS
+
+
+def int8_coverage(layers: Sequence[LayerPrecision]) -> dict:
+    """How many compute layers (conv, FC, matmul) run in INT8, naming those that fell back to float."""
+    compute = [layer for layer in layers if layer.is_compute]
+    int8 = [layer for layer in compute if layer.is_int8]
+    fallback = [
+        {"name": layer.name, "type": layer.layer_type, "precision": layer.precision}
+        for layer in compute
+        if not layer.is_int8
+    ]
+    return {
+        "compute_layers": len(compute),
+        "int8_layers": len(int8),
+        "int8_fraction": len(int8) / len(compute) if compute else 0.0,
+        "fallback": fallback,
+    }
+
+
+class OpenVinoEngine:
+    """A compiled OpenVINO CPU model of one ONNX file.
+
+    precision_hint="f32" keeps every layer that the file does not quantize in FP32 (on CPUs with BF16 units
+    OpenVINO otherwise defaults to BF16, which is neither the ONNX semantics nor a fair FP32 reference).
+    batch_size fixes the batch dimension (static shapes compile to faster kernels); None keeps it dynamic.
+    """
+
+    def __init__(
+        self,
+        onnx_path: str | os.PathLike,
+        *,
+        threads: int | None = None,
+        precision_hint: str = "f32",
+        batch_size: int | None = None,
+        performance_hint: str = "LATENCY",
+    ):
+        ov = _openvino()
+        self.path = Path(onnx_path)
+        if not self.path.is_file():
+            raise RepqError(f"ONNX file {self.path} does not exist: export the model first (engines.export)")
+        self.threads = int(threads or os.cpu_count() or 1)
+        core = ov.Core()
+        try:
+            model = core.read_model(str(self.path))
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RepqError(
+                f"OpenVINO cannot read {self.path} ({first[:200]}): re-export the ONNX file"
+            ) from err
+        if len(model.inputs) != 1:
+            raise RepqError(
+                f"{self.path} has {len(model.inputs)} inputs; the OpenVINO engine runs one-input "
+                "classifiers: export with a single image input"
+            )
+        if batch_size is not None:
+            shape = model.inputs[0].get_partial_shape()
+            shape[0] = int(batch_size)
+            model.reshape({model.inputs[0]: shape})
+        self.batch_size = batch_size
+        self.config = {
+            "INFERENCE_NUM_THREADS": self.threads,
+            "INFERENCE_PRECISION_HINT": precision_hint,
+            "PERFORMANCE_HINT": performance_hint,
+            "NUM_STREAMS": 1,
+        }
+        self.compiled = core.compile_model(model, "CPU", self.config)
+        self._request = self.compiled.create_infer_request()
+        self.input_shape = tuple(
+            d.get_length() if d.is_static else -1 for d in self.compiled.inputs[0].get_partial_shape()
+        )
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        self._request.infer({0: images})
+        return self._request.get_output_tensor(0).data.copy()
+
+    def compiled_property(self, name: str):
+        return self.compiled.get_property(name)
+
+    def layer_precisions(self) -> list[LayerPrecision]:
+        """Every executed layer of the compiled graph with the precision OpenVINO chose for it."""
+        layers = []
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            layer_type = info["layerType"].astype(str)
+            if layer_type in _SKIPPED_LAYER_TYPES:
+                continue
+            original = info["originalLayersNames"].astype(str)
+            layers.append(
+                LayerPrecision(
+                    name=op.get_friendly_name(),
+                    layer_type=layer_type,
+                    precision=info["runtimePrecision"].astype(str),
+                    original_names=tuple(n for n in original.split(",") if n),
+                )
+            )
+        return layers
+
+    def int8_coverage(self) -> dict:
+        return int8_coverage(self.layer_precisions())
+
+    def benchmark(
+        self,
+        image_shape: Sequence[int],
+        batch_sizes: Sequence[int] | None = None,
+        *,
+        warmup: int = 10,
+        runs: int = 50,
+        seed: int = 0,
+    ) -> list[LatencyStats]:
+        """Latency of one synchronous inference per batch size, on random images of (C, H, W)."""
+        if batch_sizes is None:
+            if self.batch_size is None:
+                raise RepqError("benchmark of a dynamic-batch engine needs batch_sizes: pass e.g. [1, 8]")
+            batch_sizes = [self.batch_size]
+        rng = np.random.default_rng(seed)
+        stats = []
+        for batch in batch_sizes:
+            if self.batch_size is not None and batch != self.batch_size:
+                raise RepqError(
+                    f"this engine was compiled for batch {self.batch_size}, not {batch}: "
+                    "build one engine per batch size or use batch_size=None"
+                )
+            images = rng.standard_normal((batch, *image_shape), dtype=np.float32)
+            self._request.infer({0: images})  # first call allocates; keep it out of warm-up statistics
+            stats.append(
+                latency_stats(
+                    time_calls(
+                        lambda images=images: self._request.infer({0: images}, share_inputs=True),
+                        warmup=warmup,
+                        runs=runs,
+                    ),
+                    batch,
+                )
+            )
+        return stats
+
+    def evaluate(self, loader) -> dict:
+        return topk_accuracy(self, loader)
+
+    def describe(self) -> dict:
+        return {
+            "engine": "openvino",
+            "onnx": str(self.path),
+            "threads": self.threads,
+            "precision_hint": str(self.compiled_property("INFERENCE_PRECISION_HINT")),
+            "input_shape": list(self.input_shape),
+            "int8": self.int8_coverage(),
+        }
+
+
+def layer_table(layers: Sequence[LayerPrecision]) -> list[dict]:
+    return [asdict(layer) | {"original_names": list(layer.original_names)} for layer in layers]

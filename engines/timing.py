@@ -1,0 +1,89 @@
+"""Measurements shared by every engine: latency statistics (median/p90/p99, FPS) and top-k accuracy.
+
+Percentiles are numpy's default (linear interpolation between order statistics). FPS is images per second
+at the median latency, so one slow outlier does not move it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from reparam.errors import RepqError
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    batch_size: int
+    runs: int
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    fps: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def latency_stats(times_s: Sequence[float], batch_size: int) -> LatencyStats:
+    """Summarise per-batch wall times (seconds) of `batch_size` images each."""
+    times = np.asarray(times_s, dtype=np.float64)
+    if times.size == 0 or batch_size < 1:
+        raise RepqError(
+            "latency statistics need at least one timed run and a batch size >= 1: time more runs"
+        )
+    if not np.all(np.isfinite(times)) or np.any(times <= 0):
+        raise RepqError(
+            "a timed run was not a positive finite duration: check the timer (CUDA events synced?)"
+        )
+    ms = times * 1e3
+    median = float(np.percentile(ms, 50))
+    return LatencyStats(
+        batch_size=int(batch_size),
+        runs=int(times.size),
+        median_ms=median,
+        p90_ms=float(np.percentile(ms, 90)),
+        p99_ms=float(np.percentile(ms, 99)),
+        mean_ms=float(ms.mean()),
+        fps=batch_size * 1e3 / median,
+    )
+
+
+def time_calls(fn: Callable[[], object], *, warmup: int = 10, runs: int = 50) -> list[float]:
+    """Wall time (seconds) of `runs` calls of a synchronous `fn` after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def speedup(reference: LatencyStats, candidate: LatencyStats) -> float:
+    """How many times faster `candidate` is than `reference` (ratio of median latencies per image)."""
+    ref = reference.median_ms / reference.batch_size
+    cand = candidate.median_ms / candidate.batch_size
+    return ref / cand
+
+
+def topk_accuracy(predict: Callable[[np.ndarray], np.ndarray], loader, topk: Sequence[int] = (1, 5)) -> dict:
+    """Top-k accuracy (percent) of `predict` (float32 NCHW batch -> logits) over (images, labels) batches."""
+    correct = dict.fromkeys(topk, 0)
+    seen = 0
+    for images, labels in loader:
+        images = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
+        labels = np.asarray(labels).reshape(-1)
+        logits = np.asarray(predict(images), dtype=np.float32)
+        order = np.argsort(-logits, axis=1)
+        for k in topk:
+            correct[k] += int((order[:, :k] == labels[:, None]).any(axis=1).sum())
+        seen += labels.size
+    if seen == 0:
+        raise RepqError("the evaluation loader yielded no images: check the dataset path and split")
+    return {f"top{k}": 100.0 * correct[k] / seen for k in topk} | {"images": seen}
