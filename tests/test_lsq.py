@@ -1,4 +1,4 @@
-"""LSQ quantizers against hand-computed quantization, LSQ's step-gradient formula and a brute-force MSE scan."""
+"""LSQ quantizers against hand-computed quantization, LSQ's step-gradient formula, a brute-force MSE scan."""
 
 import math
 
@@ -50,7 +50,8 @@ def test_step_gradient_matches_lsq_formula_by_hand():
     x = torch.tensor([0.3, -1.26, 2.9, 5.0, -7.0], requires_grad=True)
     coeff = torch.tensor([1.0, -2.0, 0.5, 3.0, 1.5])
     (q(x) * coeff).sum().backward()
-    # dQ/ds: round(x/s) - x/s inside [Qn, Qp]; Qn or Qp where clipped. x/s = 0.6, -2.52, 5.8, 10 (>7), -14 (<-8)
+    # dQ/ds: round(x/s) - x/s inside [Qn, Qp]; Qn or Qp where clipped.
+    # x/s = 0.6, -2.52, 5.8, 10 (>7), -14 (<-8)
     per_element = [round(0.6) - 0.6, round(-2.52) + 2.52, round(5.8) - 5.8, 7.0, -8.0]
     grad_scale = 1.0 / math.sqrt(5 * 7)
     expected = sum(c * d for c, d in zip(coeff.tolist(), per_element, strict=True)) * grad_scale
