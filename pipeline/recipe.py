@@ -1,0 +1,351 @@
+"""The recipe: one YAML file saying which model, data and stages a run does, validated by pydantic.
+
+Settings are data apart from mechanism: each stage has one settings model here (or in the stage's own
+module), every model forbids unknown keys, and every field has a default, so ``Recipe()`` *is* the embedded
+default that ``repq run`` uses with no recipe. ``key=value`` overrides (dotted: ``stages.train.epochs=3``) are
+applied to the raw mapping before validation, so a mistyped override gets the same one-line error as a
+mistyped key in the file.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from reparam.errors import RepqError
+
+STAGE_ORDER = ("train", "substitute", "ptq", "qat", "repq", "export", "engine", "bench", "report")
+ENGINE_TARGETS = ("onnxruntime", "tensorrt", "openvino")
+
+
+class Strict(BaseModel):
+    """Base of every recipe section: unknown keys are errors, assignments are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- model and data
+
+
+class ModelSpec(Strict):
+    name: str = Field(
+        "repvgg_a0", description="zoo name (`repq models`), or a torchvision model with `convert`"
+    )
+    convert: str | None = Field(
+        None, description="re-parametrize a torchvision CNN: convert_convs(model, <block kind>), e.g. 'acb'"
+    )
+    num_classes: int | None = Field(None, ge=1, description="default: the number of classes in the data")
+    cifar: bool = Field(True, description="small-image stem (32x32 inputs) instead of the ImageNet stem")
+    width_mult: float = Field(0.5, gt=0, description="channel width multiplier")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments to create_model")
+
+
+class DataSpec(Strict):
+    source: str = Field(
+        "digits",
+        description="'digits' (scikit-learn's bundled images), or the path of an ImageFolder / image folder"
+    )
+    task: Literal["classification", "super_resolution"] = "classification"
+    image_size: int = Field(32, ge=8, description="side of the (square) network input")
+    val_size: int | float = Field(
+        0.2, gt=0, description="held-out images: a count, or a fraction of the data (fixed seed)"
+    )
+    val_dir: str | None = Field(None, description="a separate validation ImageFolder (ImageNet's val/)")
+    batch_size: int = Field(64, ge=1)
+    workers: int = Field(0, ge=0, description="data-loader worker processes")
+    scale: int = Field(2, ge=2, le=4, description="super-resolution factor")
+
+
+# ---------------------------------------------------------------- stage settings
+# Provisional: the stage modules own their settings once they land (see the issue-8 note). Each stage
+# model has `enabled` so a recipe can switch a stage off without deleting its section.
+
+
+class StageSettings(Strict):
+    enabled: bool = True
+
+
+class TrainSettings(StageSettings):
+    epochs: int = Field(12, ge=0)
+    lr: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    custom_l2: bool = Field(False, description="RepVGG's custom L2 on the merged kernel, not plain L2")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    warmup_epochs: int = Field(0, ge=0)
+    batch_size: int | None = Field(None, ge=1, description="default: data.batch_size")
+    amp: bool = False
+    device: str = "auto"
+
+
+class SubstituteSettings(StageSettings):
+    to: Literal["qarepvgg"] = "qarepvgg"
+    epochs: int = Field(6, ge=0, description="training of the substituted model")
+    lr: float = Field(0.05, gt=0)
+
+
+class PTQSettings(StageSettings):
+    calibrators: list[Literal["max", "entropy", "percentile", "mse"]] = Field(
+        default_factory=lambda: ["max", "entropy", "percentile", "mse"], min_length=1
+    )
+    calib_size: int = Field(512, ge=1, description="calibration images drawn from the training split")
+    percentile: float = Field(99.99, gt=0, le=100)
+    bits: int = Field(8, ge=2, le=8)
+    per_channel: bool = True
+
+
+class QATSettings(StageSettings):
+    enabled: bool = False
+    calibrator: Literal["max", "entropy", "percentile", "mse"] = "max"
+    epochs: int = Field(3, ge=0)
+    lr: float = Field(1e-3, gt=0)
+
+
+class RepQSettings(StageSettings):
+    modes: list[Literal["repq", "bn", "bnest"]] = Field(default_factory=lambda: ["repq"], min_length=1)
+    bits: list[int] = Field(default_factory=lambda: [8], min_length=1)
+    epochs: int = Field(3, ge=0)
+    lr: float = Field(1e-3, gt=0)
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_in_range(cls, bits: list[int]) -> list[int]:
+        bad = [b for b in bits if not 2 <= b <= 8]
+        if bad:
+            raise ValueError(f"bit widths must be between 2 and 8, got {bad}")
+        return bits
+
+
+class ExportSettings(StageSettings):
+    targets: list[Literal["onnxruntime", "tensorrt", "openvino"]] = Field(
+        default_factory=lambda: ["onnxruntime"], min_length=1
+    )
+    opset: int = Field(17, ge=13)
+    dynamic_batch: bool = True
+
+
+class EngineSettings(StageSettings):
+    targets: list[Literal["onnxruntime", "tensorrt", "openvino"]] = Field(
+        default_factory=lambda: ["onnxruntime"], min_length=1
+    )
+    workspace_gb: float = Field(4.0, gt=0, description="TensorRT builder workspace")
+
+
+class BenchSettings(StageSettings):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
+    warmup: int = Field(5, ge=0)
+    iters: int = Field(30, ge=1)
+    threads: int | None = Field(None, ge=1, description="CPU threads for ONNX Runtime (default: all)")
+
+
+class ReportSettings(StageSettings):
+    violins: bool = Field(True, description="per-layer weight violin plots of the fused model")
+
+
+class Stages(Strict):
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    substitute: SubstituteSettings = Field(default_factory=SubstituteSettings)
+    ptq: PTQSettings = Field(default_factory=PTQSettings)
+    qat: QATSettings = Field(default_factory=QATSettings)
+    repq: RepQSettings = Field(default_factory=RepQSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    bench: BenchSettings = Field(default_factory=BenchSettings)
+    report: ReportSettings = Field(default_factory=ReportSettings)
+
+
+class Recipe(Strict):
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="runs/<name>/")
+    seed: int = Field(0, ge=0)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    stages: Stages = Field(default_factory=Stages)
+
+    def stage(self, name: str) -> StageSettings:
+        if name not in STAGE_ORDER:
+            known = ", ".join(STAGE_ORDER)
+            raise RepqError(f"unknown stage {name!r}{_suggest(name, STAGE_ORDER)}; stages are {known}")
+        return getattr(self.stages, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.dump(self.to_dict(), Dumper=_RecipeDumper, sort_keys=False, width=110)
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Block style for sections, flow style for short lists (``calibrators: [max, entropy]``)."""
+
+
+_RecipeDumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+)
+
+
+# ---------------------------------------------------------------- hashing
+
+
+def settings_hash(obj: BaseModel | dict | Any) -> str:
+    """sha256 of the canonical JSON of a settings model (or any JSON-able value)."""
+    data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- loading, overrides, errors
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe (None: the embedded default), apply ``key=value`` overrides, validate."""
+    source = "default recipe"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise RepqError(f"recipe {path} does not exist: check the path, or run `repq run` with no recipe")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise RepqError(f"recipe {path} is not valid YAML{where}: {problem}; fix the file") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            kind = type(loaded).__name__
+            raise RepqError(f"recipe {path} holds a YAML {kind}, not a mapping of keys: fix the file")
+        raw = loaded
+        raw.setdefault("name", _default_name(path))
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    return validate_recipe(raw, source)
+
+
+def _default_name(path: Path) -> str:
+    return path.stem if path.stem and path.stem[0].isalnum() else "recipe"
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"{source}: {_error_line(e)}" for e in err.errors()]
+        raise RepqError("\n".join(lines)) from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``stages.train.epochs=3`` -> ("stages.train.epochs", 3). Values are literals, else strings."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RepqError(f"override {item!r} is not key=value: write e.g. stages.train.epochs=3")
+    return key, parse_value(text.strip())
+
+
+def parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null", "~"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word (a model name, a path)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            prefix = ".".join(parts[: depth + 1])
+            raise RepqError(f"override {key}: {prefix} is a value, not a section; write {prefix}=VALUE")
+        node = child
+    node[parts[-1]] = value
+
+
+def _loc(err: dict) -> str:
+    return ".".join(str(p) for p in err["loc"]) or "(top level)"
+
+
+def _error_line(err: dict) -> str:
+    loc = err["loc"]
+    where = _loc(err)
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        hint = _suggest(str(loc[-1]), allowed) or _suggest_elsewhere(str(loc[-1]))
+        return f"{where}: unknown key{hint}; allowed here: {', '.join(allowed)}"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    field = _field_at(loc)
+    desc = f"; {field.description}" if field is not None and field.description else ""
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}{shown}{desc}"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The settings model that the location path ``loc`` points into (None past a leaf)."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def _field_at(loc: tuple):
+    if not loc:
+        return None
+    parent = _model_at(loc[:-1])
+    if parent is None or loc[-1] not in parent.model_fields:
+        return None
+    return parent.model_fields[loc[-1]]
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model = _model_at(loc)
+    return list(model.model_fields) if model is not None else []
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _all_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_all_keys(annotation, path + "."))
+        else:
+            keys.append(path)
+    return keys
+
+
+def _suggest_elsewhere(word: str) -> str:
+    """A key that exists in another section (``epochs=3`` -> ``stages.train.epochs``)."""
+    leaf = word.split(".")[-1]
+    hits = [k for k in _all_keys() if k.split(".")[-1] == leaf]
+    return f"; did you mean {' or '.join(repr(h) for h in hits[:4])}?" if hits else ""
+
+
+def stage_names() -> tuple[str, ...]:
+    return STAGE_ORDER

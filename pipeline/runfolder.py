@@ -1,0 +1,327 @@
+"""The run folder and the resumable runner: each stage's outputs keyed by the hash of what produced them.
+
+Layout of ``runs/<name>/``::
+
+    recipe.yaml            the resolved recipe (all defaults filled in)
+    <stage>/manifest.json  key, inputs and their sha256, settings, metrics, wall time, versions, file hashes
+    <stage>/...            the stage's artifacts
+    report.md, report.html, metrics.json, plots/   rendered after the last stage
+
+The skip rule follows DVC: a stage's key is the hash of its name, its settings, the model/data/seed sections,
+a fingerprint of the data and the keys and file hashes of the stages it reads. A stage whose folder holds a
+manifest with that key, and files whose hashes still match it, is skipped ("cached - skipping"). A folder with
+no manifest, an unreadable one or a file that no longer matches is discarded and the stage reruns: nothing
+half-written is ever trusted. A stage writes into ``.tmp-<stage>-<pid>/``, which is renamed into place only
+after its manifest is written, so ``kill -9`` at any moment leaves the old finished folder or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.recipe import STAGE_ORDER, Recipe, _suggest, settings_hash
+from pipeline.stages import REGISTRY, Stage, StageContext, StageRecord, as_result
+from reparam.errors import RepqError
+from reparam.io import atomic_write_json, atomic_write_text
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+VERSIONED_PACKAGES = ("repq", "torch", "torchvision", "numpy", "onnx", "onnxruntime", "nvidia-modelopt",
+                      "tensorrt", "openvino")
+
+
+# ---------------------------------------------------------------- hashing
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def hash_folder_files(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative POSIX paths), the manifest itself excluded."""
+    hashes = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            hashes[path.relative_to(folder).as_posix()] = sha256_file(path)
+    return hashes
+
+
+def data_fingerprint(recipe: Recipe) -> dict[str, str]:
+    """Cheap identity of the data: for folders, the hash of every file's relative path, size and mtime."""
+    prints = {}
+    for label, source in (("source", recipe.data.source), ("val_dir", recipe.data.val_dir)):
+        if source is None:
+            continue
+        path = Path(source).expanduser()
+        if path.is_dir():
+            digest = hashlib.sha256()
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    stat = os.stat(os.path.join(root, name))
+                    rel = os.path.relpath(os.path.join(root, name), path)
+                    digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            prints[label] = f"folder:{digest.hexdigest()}"
+        elif path.is_file():
+            prints[label] = f"file:{sha256_file(path)}"
+        else:
+            prints[label] = f"name:{source}"  # a built-in data set ('digits'): its package version covers it
+    return prints
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[package] = metadata.version(package)
+    return found
+
+
+def stage_key(name: str, recipe: Recipe, data_print: dict[str, str], upstream: dict[str, StageRecord]) -> str:
+    return hash_json({
+        "stage": name,
+        "settings": settings_hash(recipe.stage(name)),
+        "core": settings_hash({"model": recipe.model.model_dump(mode="json"),
+                               "data": recipe.data.model_dump(mode="json"), "seed": recipe.seed}),
+        "data": data_print,
+        "upstream": {n: {"key": r.key, "files": r.files} for n, r in upstream.items()},
+    })
+
+
+# ---------------------------------------------------------------- reading finished stages
+
+
+def read_record(stage_dir: Path, verify: bool = True) -> tuple[StageRecord | None, str]:
+    """The stage folder's record, or (None, why it is not trusted)."""
+    manifest_path = stage_dir / MANIFEST
+    if not stage_dir.is_dir():
+        return None, "not run yet"
+    if not manifest_path.is_file():
+        return None, "no manifest (an interrupted or foreign folder)"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return None, f"unreadable manifest ({type(err).__name__})"
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or "key" not in manifest:
+        return None, "manifest of another format"
+    if verify:
+        recorded = manifest.get("files", {})
+        for rel, digest in recorded.items():
+            path = stage_dir / rel
+            if not path.is_file():
+                return None, f"{rel} is missing"
+            if sha256_file(path) != digest:
+                return None, f"{rel} changed or is corrupt (sha256 mismatch)"
+    return StageRecord(stage_dir.name, stage_dir, manifest["key"], manifest), ""
+
+
+def read_run(run_dir: Path, verify: bool = True) -> dict[str, StageRecord]:
+    """Every trusted stage of a run folder, in pipeline order (stale ones whose inputs changed left out)."""
+    run_dir = Path(run_dir)
+    records: dict[str, StageRecord] = {}
+    for name in STAGE_ORDER:
+        record, _ = read_record(run_dir / name, verify)
+        if record is None:
+            continue
+        inputs = record.manifest.get("inputs", {}).get("upstream", {})
+        fresh = all(n in records and records[n].files == v.get("files") for n, v in inputs.items())
+        if fresh:
+            records[name] = record
+    return records
+
+
+# ---------------------------------------------------------------- the runner
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    ran: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    disabled: list[str] = field(default_factory=list)
+    records: dict[str, StageRecord] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One runner per run folder; the OS drops the lock when its holder dies, even by SIGKILL."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RepqError(
+                f"run folder {run_dir} is in use by another `repq run`: wait for it, or pass --out OTHER_DIR"
+            ) from None
+        yield
+    finally:
+        handle.close()
+
+
+def clean_leftovers(run_dir: Path, log: Callable[[str], None]) -> None:
+    """Temp folders of a killed run: never trusted, removed."""
+    for path in sorted(run_dir.glob(".tmp-*")) + sorted(run_dir.glob(".trash-*")):
+        log(f"removing {path.name}: left by an interrupted run")
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def pipeline_stages(recipe: Recipe, registry: dict[str, Stage]) -> tuple[list[Stage], list[str]]:
+    """The enabled stages in order (the report is rendered after them), and the names of disabled ones."""
+    enabled, disabled = [], []
+    missing = []
+    for name in STAGE_ORDER:
+        if name == "report":
+            continue
+        if not recipe.stage(name).enabled:
+            disabled.append(name)
+        elif name not in registry:
+            missing.append(name)
+        else:
+            enabled.append(registry[name])
+    if missing:
+        offs = " ".join(f"stages.{n}.enabled=false" for n in missing)
+        raise RepqError(f"stage(s) {', '.join(missing)} are enabled but not available in this install: "
+                        f"install the full repq, or switch them off with {offs}")
+    return enabled, disabled
+
+
+def run_pipeline(recipe: Recipe, run_dir: str | Path, from_stage: str | None = None,
+                 registry: dict[str, Stage] | None = None, log: Callable[[str], None] = print,
+                 render_report: Callable[[Path, Recipe], Any] | None = None) -> RunSummary:
+    """Run the recipe's enabled stages in order, skipping those whose key is unchanged.
+
+    ``from_stage`` forces that stage and every later one to rerun. ``render_report(run_dir, recipe)`` is
+    called after the last stage (the default renders report.md/.html and metrics.json, see engines/report.py).
+    """
+    registry = REGISTRY if registry is None else registry
+    run_dir = Path(run_dir)
+    if from_stage is not None and from_stage not in STAGE_ORDER:
+        raise RepqError(f"--from {from_stage}: unknown stage{_suggest(from_stage, STAGE_ORDER)}; "
+                        f"stages are {', '.join(STAGE_ORDER)}")
+    stages, disabled = pipeline_stages(recipe, registry)
+    enabled_names = [s.name for s in stages] + (["report"] if recipe.stages.report.enabled else [])
+    if from_stage is not None and from_stage not in enabled_names:
+        raise RepqError(f"--from {from_stage}: that stage is switched off in this recipe; enable it with "
+                        f"stages.{from_stage}.enabled=true or pick one of {', '.join(enabled_names)}")
+    summary = RunSummary(run_dir, disabled=disabled)
+    with run_lock(run_dir):
+        clean_leftovers(run_dir, log)
+        atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+        data_print = data_fingerprint(recipe)
+        forced = False
+        for stage in stages:
+            forced = forced or stage.name == from_stage
+            upstream = {n: summary.records[n] for n in stage.upstream_names() if n in summary.records}
+            key = stage_key(stage.name, recipe, data_print, upstream)
+            existing, why = read_record(run_dir / stage.name)
+            if existing is not None and existing.key == key and not forced:
+                log(f"{stage.name}: cached - skipping (key {key[:12]})")
+                summary.records[stage.name] = existing
+                summary.cached.append(stage.name)
+                continue
+            if forced:
+                reason = f"forced by --from {from_stage}"
+            elif existing is not None:
+                reason = "settings or inputs changed"
+            else:
+                reason = why
+            log(f"{stage.name}: running ({reason})")
+            summary.records[stage.name] = _run_stage(stage, recipe, run_dir, key, data_print, upstream, log)
+            summary.ran.append(stage.name)
+        if recipe.stages.report.enabled:
+            if render_report is None:
+                from engines.report import render_run_report as render_report
+            render_report(run_dir, recipe)
+    return summary
+
+
+def _run_stage(stage: Stage, recipe: Recipe, run_dir: Path, key: str, data_print: dict[str, str],
+               upstream: dict[str, StageRecord], log: Callable[[str], None]) -> StageRecord:
+    function = stage.function()
+    tmp = run_dir / f".tmp-{stage.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    settings = recipe.stage(stage.name)
+    started = time.time()
+    ctx = StageContext(stage.name, recipe, settings, tmp, run_dir, upstream, log)
+    try:
+        result = as_result(function(ctx))
+        for name, rel in result.outputs.items():
+            if not (tmp / rel).exists():
+                raise RepqError(f"stage {stage.name} declared output {name}={rel} but did not write it: "
+                                "this is a bug in the stage, please report it")
+        wall = time.time() - started
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "stage": stage.name,
+            "key": key,
+            "settings": settings.model_dump(mode="json"),
+            "inputs": {
+                "model": recipe.model.model_dump(mode="json"),
+                "data": {**recipe.data.model_dump(mode="json"), "fingerprint": data_print},
+                "seed": recipe.seed,
+                "upstream": {n: {"key": r.key, "files": r.files} for n, r in upstream.items()},
+            },
+            "outputs": result.outputs,
+            "files": hash_folder_files(tmp),
+            "metrics": result.metrics,
+            "wall_s": round(wall, 3),
+            "started": _iso(started),
+            "finished": _iso(time.time()),
+            "versions": versions(),
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+        _commit(tmp, run_dir / stage.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"{stage.name}: done in {wall:.1f} s")
+    record, why = read_record(run_dir / stage.name, verify=False)
+    assert record is not None, why
+    return record
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Swap the finished temp folder into place; a crash in between leaves no folder, never half of one."""
+    trash = None
+    if final.exists():
+        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
+        os.rename(final, trash)
+    os.rename(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _iso(stamp: float) -> str:
+    return _dt.datetime.fromtimestamp(stamp, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def default_run_dir(recipe: Recipe, out: str | Path | None = None) -> Path:
+    return Path(out) if out is not None else Path("runs") / recipe.name

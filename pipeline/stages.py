@@ -1,0 +1,137 @@
+"""The stage registry: stage name -> the function that does it, what it reads, nothing else.
+
+A stage function takes a :class:`StageContext` and returns a :class:`StageResult` (or a dict with
+``outputs`` and ``metrics``). It writes only under ``ctx.dir``, a temp folder that the runner renames into
+``<run>/<stage>/`` when the function returns, so a killed stage never leaves a folder that looks finished.
+
+Functions are registered as ``"module:function"`` strings and imported only when their stage runs, so
+`repq recipe --show` and `repq --help` never import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.recipe import STAGE_ORDER, Recipe, StageSettings
+from reparam.errors import RepqError
+
+
+@dataclass
+class StageResult:
+    outputs: dict[str, str] = field(default_factory=dict)  # artifact name -> path inside the stage folder
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageRecord:
+    """A finished stage as its verified manifest describes it."""
+
+    name: str
+    dir: Path
+    key: str
+    manifest: dict[str, Any]
+
+    @property
+    def outputs(self) -> dict[str, Path]:
+        return {k: self.dir / v for k, v in self.manifest.get("outputs", {}).items()}
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics", {})
+
+    @property
+    def files(self) -> dict[str, str]:
+        return self.manifest.get("files", {})
+
+
+@dataclass
+class StageContext:
+    name: str
+    recipe: Recipe
+    settings: StageSettings
+    dir: Path  # the temp folder the stage writes into
+    run_dir: Path
+    upstream: dict[str, StageRecord]  # finished stages this one reads, in pipeline order
+    log: Callable[[str], None] = print
+
+    def path(self, relative: str) -> Path:
+        """A path inside the stage's folder, its parent created."""
+        target = self.dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def input(self, stage: str, output: str) -> Path:
+        record = self.upstream.get(stage)
+        if record is None:
+            raise RepqError(f"stage {self.name} needs stage {stage}, which did not run: "
+                            f"enable stages.{stage}")
+        if output not in record.outputs:
+            have = ", ".join(record.outputs) or "nothing"
+            raise RepqError(f"stage {stage} wrote no {output!r} (it wrote {have}): rerun with --from {stage}")
+        return record.outputs[output]
+
+    def latest(self, output: str) -> Path:
+        """The artifact ``output`` of the last upstream stage that wrote one (substitute's over train's)."""
+        for record in reversed(list(self.upstream.values())):
+            if output in record.outputs:
+                return record.outputs[output]
+        raise RepqError(
+            f"stage {self.name} needs an artifact {output!r} and no earlier stage wrote one: "
+            "enable stages.train"
+        )
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    target: str | Callable[[StageContext], Any]  # "module:function" or the function itself
+    needs: tuple[str, ...] | None = None  # stages whose outputs it reads; None: every earlier stage
+
+    def function(self) -> Callable[[StageContext], Any]:
+        if callable(self.target):
+            return self.target
+        module, _, attr = self.target.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise RepqError(
+                f"stage {self.name}: cannot load {self.target} ({err}); "
+                f"reinstall repq or switch the stage off with stages.{self.name}.enabled=false"
+            ) from err
+
+    def upstream_names(self) -> tuple[str, ...]:
+        if self.needs is not None:
+            return self.needs
+        return STAGE_ORDER[: STAGE_ORDER.index(self.name)]
+
+
+REGISTRY: dict[str, Stage] = {}
+
+
+def register(name: str, target: str | Callable[[StageContext], Any], needs: tuple[str, ...] | None = None,
+             registry: dict[str, Stage] | None = None) -> Stage:
+    if name not in STAGE_ORDER:
+        raise ValueError(f"stage {name!r} is not one of {STAGE_ORDER}")
+    stage = Stage(name, target, needs)
+    (REGISTRY if registry is None else registry)[name] = stage
+    return stage
+
+
+def as_result(value: Any) -> StageResult:
+    if value is None:
+        return StageResult()
+    if isinstance(value, StageResult):
+        return value
+    if isinstance(value, dict):
+        return StageResult(dict(value.get("outputs", {})), dict(value.get("metrics", {})))
+    raise TypeError(f"a stage function returns StageResult, a dict or None, not {type(value).__name__}")
+
+
+# The real stages, one line each (the runner renders the report after the last stage, see runfolder.py).
+# register("train", "pipeline.train:train_stage", needs=())
+# register("substitute", "pipeline.substitute:substitute_stage", needs=("train",))
+# ...

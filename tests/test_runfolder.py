@@ -1,0 +1,218 @@
+"""Run folder mechanics with toy stages: skip rule, reruns on change, --from, corrupt folders, SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.recipe import load_recipe
+from pipeline.runfolder import MANIFEST, read_record, read_run, run_pipeline, sha256_file
+from pipeline.stages import register
+from reparam.errors import RepqError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Toy stages: each appends its name to a journal outside the run folder (so the test sees what really ran) and
+# derives its output from its upstream's output and its own settings, so reruns are observable in the files.
+TOY = textwrap.dedent('''
+    import os, time
+    from pathlib import Path
+
+    JOURNAL = Path(os.environ["TOY_JOURNAL"])
+
+    def _note(name):
+        with open(JOURNAL, "a") as handle:
+            handle.write(name + "\\n")
+
+    def train(ctx):
+        _note("train")
+        ctx.path("model.txt").write_text(f"model epochs={ctx.settings.epochs}")
+        with open(ctx.path("curve.jsonl"), "w") as handle:
+            for epoch in range(ctx.settings.epochs):
+                handle.write(f'{{"epoch": {epoch}, "loss": {1.0 / (epoch + 1)}}}\\n')
+        return {"outputs": {"checkpoint": "model.txt"}, "metrics": {"epochs": ctx.settings.epochs}}
+
+    def ptq(ctx):
+        _note("ptq")
+        marker = os.environ.get("TOY_SLOW_MARKER")
+        if marker:  # the kill test: say "I am mid-stage", half-write an output, then hang
+            ctx.path("half.bin").write_bytes(b"x" * 1000)
+            Path(marker).write_text("started")
+            time.sleep(60)
+        model = ctx.latest("checkpoint").read_text()
+        ctx.path("q.txt").write_text(f"{model} | calib={ctx.settings.calib_size}")
+        return {"outputs": {"quantized": "q.txt"}, "metrics": {"top1": 90.0}}
+
+    def export(ctx):
+        _note("export")
+        text = ctx.input("ptq", "quantized").read_text()
+        ctx.path("model.onnx.txt").write_text(text + " | onnx")
+        return {"outputs": {"onnx": "model.onnx.txt"}}
+''')
+
+OFF = ["stages.substitute.enabled=false", "stages.qat.enabled=false", "stages.repq.enabled=false",
+       "stages.engine.enabled=false", "stages.bench.enabled=false", "stages.report.enabled=false",
+       "stages.train.epochs=2", "name=toy"]
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    (tmp_path / "toy_stages.py").write_text(TOY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("TOY_JOURNAL", str(tmp_path / "journal.txt"))
+    import importlib
+
+    import toy_stages
+    importlib.reload(toy_stages)
+    registry = {}
+    register("train", "toy_stages:train", needs=(), registry=registry)
+    register("ptq", "toy_stages:ptq", needs=("train",), registry=registry)
+    register("export", "toy_stages:export", needs=("ptq",), registry=registry)
+
+    def journal():
+        path = tmp_path / "journal.txt"
+        lines = path.read_text().split() if path.exists() else []
+        path.unlink(missing_ok=True)
+        return lines
+
+    def run(*overrides, from_stage=None):
+        recipe = load_recipe(None, OFF + list(overrides))
+        run_pipeline(recipe, tmp_path / "run", from_stage=from_stage, registry=registry, log=lambda _: None)
+        return journal()
+
+    return run, tmp_path / "run"
+
+
+def test_second_run_skips_everything_and_manifest_records_inputs(toy):
+    run, run_dir = toy
+    assert run() == ["train", "ptq", "export"]
+    assert run() == []
+    manifest = json.loads((run_dir / "ptq" / MANIFEST).read_text())
+    train_files = json.loads((run_dir / "train" / MANIFEST).read_text())["files"]
+    assert manifest["inputs"]["upstream"]["train"]["files"] == train_files
+    assert train_files["model.txt"] == sha256_file(run_dir / "train" / "model.txt")
+    assert manifest["settings"]["calib_size"] == 512 and manifest["metrics"] == {"top1": 90.0}
+    assert manifest["wall_s"] >= 0 and "torch" in manifest["versions"] and "python" in manifest["versions"]
+    assert (run_dir / "export" / "model.onnx.txt").read_text() == "model epochs=2 | calib=512 | onnx"
+    assert "epochs: 2" in (run_dir / "recipe.yaml").read_text()
+
+
+def test_changed_setting_reruns_that_stage_and_later_ones(toy):
+    run, run_dir = toy
+    run()
+    assert run("stages.ptq.calib_size=64") == ["ptq", "export"]
+    assert (run_dir / "export" / "model.onnx.txt").read_text() == "model epochs=2 | calib=64 | onnx"
+    assert run("stages.ptq.calib_size=64", "stages.train.epochs=3") == ["train", "ptq", "export"]
+    assert run("stages.ptq.calib_size=64", "stages.train.epochs=3", "stages.bench.iters=7") == []
+
+
+def test_from_forces_stage_and_later(toy):
+    run, _ = toy
+    run()
+    assert run(from_stage="ptq") == ["ptq", "export"]
+    with pytest.raises(RepqError, match="did you mean 'ptq'"):
+        run(from_stage="ptqq")
+    with pytest.raises(RepqError, match="switched off"):
+        run(from_stage="repq")
+
+
+def test_corrupt_or_partial_stage_folder_is_discarded(toy):
+    run, run_dir = toy
+    run()
+    (run_dir / "train" / "model.txt").write_text("model epochs=2 TAMPERED")
+    record, why = read_record(run_dir / "train")
+    assert record is None and "sha256 mismatch" in why
+    # Train reruns; its output is byte-identical to before, so (as in DVC) the stages after it stay cached.
+    assert run() == ["train"]
+    assert (run_dir / "train" / "model.txt").read_text() == "model epochs=2"
+    (run_dir / "ptq" / MANIFEST).unlink()  # a folder without manifest looks like an interrupted stage
+    assert run() == ["ptq"]
+    (run_dir / "ptq" / "q.txt").unlink()
+    assert run("stages.ptq.calib_size=8") == ["ptq", "export"]
+    (run_dir / "export" / MANIFEST).write_text("{not json")
+    assert run("stages.ptq.calib_size=8") == ["export"]
+
+
+def test_failing_stage_keeps_earlier_stages_and_leaves_no_folder(toy, monkeypatch):
+    run, run_dir = toy
+    run()
+    import toy_stages
+
+    def broken(ctx):
+        ctx.path("partial.bin").write_bytes(b"123")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(toy_stages, "ptq", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        run("stages.ptq.calib_size=1")
+    assert not list(run_dir.glob(".tmp-*"))
+    assert read_record(run_dir / "train")[0] is not None
+    # The old ptq folder (calib 512) is kept intact until a new one is finished.
+    assert read_record(run_dir / "ptq")[0] is not None
+    monkeypatch.undo()
+
+
+def test_sigkill_mid_stage_then_rerun_loses_nothing(toy, tmp_path):
+    run, run_dir = toy
+    assert run() == ["train", "ptq", "export"]
+    def finished_files():
+        return {p.relative_to(run_dir): sha256_file(p) for p in run_dir.rglob("*")
+                if p.is_file() and not p.relative_to(run_dir).parts[0].startswith(".")}
+
+    before = finished_files()
+    marker = tmp_path / "started"
+    script = textwrap.dedent(f'''
+        import sys
+        sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT)!r}]
+        from pipeline.recipe import load_recipe
+        from pipeline.runfolder import run_pipeline
+        from pipeline.stages import register
+        registry = {{}}
+        register("train", "toy_stages:train", needs=(), registry=registry)
+        register("ptq", "toy_stages:ptq", needs=("train",), registry=registry)
+        register("export", "toy_stages:export", needs=("ptq",), registry=registry)
+        force = sys.argv[1:] == ["force"]
+        run_pipeline(load_recipe(None, {OFF!r} + ([] if force else sys.argv[1:])), {str(run_dir)!r},
+                     registry=registry, from_stage="ptq" if force else None)
+    ''')
+    env = {**os.environ, "TOY_SLOW_MARKER": str(marker)}
+    # Killed once while rerunning ptq for a changed setting, once while forcing it with --from.
+    for args in (["stages.ptq.calib_size=32"], ["force"]):
+        proc = subprocess.Popen([sys.executable, "-c", script, *args], env=env, cwd=tmp_path)
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert proc.poll() is None, "the subprocess ended before reaching the stage"
+            assert time.time() < deadline, "the subprocess never reached the stage"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        marker.unlink()
+        assert list(run_dir.glob(".tmp-ptq-*")), "the killed stage should be writing into a temp folder"
+        after = finished_files()
+        changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+        assert changed <= {Path("recipe.yaml")}, f"finished files changed by a killed run: {changed}"
+        assert sorted(read_run(run_dir)) == ["export", "ptq", "train"]
+    toy_journal = run_dir.parent / "journal.txt"
+    toy_journal.unlink(missing_ok=True)
+    # Rerun: the unchanged recipe is entirely cached (the forced run was killed, the old folders are intact).
+    assert run() == []
+    # The changed setting whose run was killed: only the stages from ptq on run, and leftovers are removed.
+    assert run("stages.ptq.calib_size=32") == ["ptq", "export"]
+    assert not list(run_dir.glob(".tmp-*")) and not list(run_dir.glob(".trash-*"))
+    assert (run_dir / "export" / "model.onnx.txt").read_text() == "model epochs=2 | calib=32 | onnx"
+
+
+def test_concurrent_run_on_same_folder_is_refused(toy):
+    run, run_dir = toy
+    from pipeline.runfolder import run_lock
+
+    with run_lock(run_dir), pytest.raises(RepqError, match="in use"):
+        run()
