@@ -87,3 +87,28 @@ def topk_accuracy(predict: Callable[[np.ndarray], np.ndarray], loader, topk: Seq
     if seen == 0:
         raise RepqError("the evaluation loader yielded no images: check the dataset path and split")
     return {f"top{k}": 100.0 * correct[k] / seen for k in topk} | {"images": seen}
+
+
+def cuda_event_times(
+    launch: Callable[[], object], stream, *, warmup: int = 20, runs: int = 100
+) -> list[float]:
+    """GPU time (seconds) of `runs` launches on a torch CUDA `stream`, bracketed by CUDA events.
+
+    Each run is synchronized on its end event, so the figure is one batch's latency, not a pipelined rate.
+    """
+    import torch
+
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            launch()
+    stream.synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        with torch.cuda.stream(stream):
+            launch()
+        end.record(stream)
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
