@@ -10,6 +10,7 @@ mistyped key in the file.
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import hashlib
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from reparam.errors import RepqError
 
@@ -36,54 +37,73 @@ class Strict(BaseModel):
 
 class ModelSpec(Strict):
     name: str = Field(
-        "repvgg_a0", description="zoo name (`repq models`), or a torchvision model with `convert`"
+        "repvgg_a0", description="zoo name (`repq models`), or a torchvision CNN's name with `convert`"
     )
     convert: str | None = Field(
-        None, description="re-parametrize a torchvision CNN: convert_convs(model, <block kind>), e.g. 'acb'"
+        None, description="re-parametrize torchvision's `name` with convert_convs(model, <block>), e.g. 'acb'"
     )
     num_classes: int | None = Field(None, ge=1, description="default: the number of classes in the data")
-    cifar: bool = Field(True, description="small-image stem (32x32 inputs) instead of the ImageNet stem")
-    width_mult: float = Field(0.5, gt=0, description="channel width multiplier")
+    width_mult: float | None = Field(None, gt=0, description="channel width multiplier (None: the model's)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments to create_model")
 
 
 class DataSpec(Strict):
     source: str = Field(
         "digits",
-        description="'digits' (scikit-learn's bundled images), or the path of an ImageFolder / image folder"
+        description="'digits' (scikit-learn's bundled images), an ImageFolder (ROOT/<class>/*, or "
+        "ROOT/train/ and ROOT/val/), or for super-resolution a folder of images",
+    )
+    val_source: str | None = Field(
+        None, description="a separate validation set (ImageNet's val/ is found by itself; Set5 for SR)"
     )
     task: Literal["classification", "super_resolution"] = "classification"
-    image_size: int = Field(32, ge=8, description="side of the (square) network input")
-    val_size: int | float = Field(
-        0.2, gt=0, description="held-out images: a count, or a fraction of the data (fixed seed)"
+    preset: Literal["auto", "cifar", "imagenet", "digits"] = Field(
+        "auto", description="input size and normalisation; auto: cifar for images up to 64 pixels"
     )
-    val_dir: str | None = Field(None, description="a separate validation ImageFolder (ImageNet's val/)")
-    batch_size: int = Field(64, ge=1)
+    val_size: float = Field(0.1, gt=0, description="val split carved from train when there is no val/: "
+                            "a fraction, or a count when >= 1")
+    split_seed: int = Field(0, ge=0, description="seed of the val split (kept apart from the training seed)")
     workers: int = Field(0, ge=0, description="data-loader worker processes")
     scale: int = Field(2, ge=2, le=4, description="super-resolution factor")
 
 
 # ---------------------------------------------------------------- stage settings
-# Provisional: the stage modules own their settings once they land (see the issue-8 note). Each stage
-# model has `enabled` so a recipe can switch a stage off without deleting its section.
+# Each stage model has `enabled` so a recipe can switch a stage off without deleting its section. The train
+# stage's settings are pipeline.train.TrainSettings less what the recipe holds at the top (model, data, seed);
+# the others are defined here until their modules own them (see the issue-8 note).
 
 
 class StageSettings(Strict):
     enabled: bool = True
 
 
-class TrainSettings(StageSettings):
-    epochs: int = Field(12, ge=0)
-    lr: float = Field(0.05, gt=0)
+# TrainSettings fields that the recipe sets from its model / data / seed sections (field -> recipe key).
+TRAIN_FIELDS_FROM_RECIPE = {"model": "model.name", "width_mult": "model.width_mult",
+                            "model_kwargs": "model.kwargs", "seed": "seed", "split_seed": "data.split_seed",
+                            "preset": "data.preset",
+                            "val_size": "data.val_size", "num_workers": "data.workers"}
+
+
+class _ProvisionalTrainSettings(StageSettings):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    custom_l2: bool = Field(False, description="RepVGG's custom L2 on the merged kernel, not plain L2")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    warmup_epochs: int = Field(0, ge=0)
-    batch_size: int | None = Field(None, ge=1, description="default: data.batch_size")
-    amp: bool = False
+    lr: float = Field(0.1, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
     device: str = "auto"
+
+
+def _train_stage_settings() -> type[StageSettings]:
+    try:
+        from pipeline.train import TrainSettings as Full
+    except ImportError:
+        return _ProvisionalTrainSettings
+    fields = {name: (field.annotation, field) for name, field in Full.model_fields.items()
+              if name not in TRAIN_FIELDS_FROM_RECIPE}
+    return create_model("TrainSettings", __base__=StageSettings, __module__=__name__, **fields)
+
+
+TrainSettings = _train_stage_settings()
 
 
 class SubstituteSettings(StageSettings):
@@ -97,7 +117,7 @@ class PTQSettings(StageSettings):
         default_factory=lambda: ["max", "entropy", "percentile", "mse"], min_length=1
     )
     calib_size: int = Field(512, ge=1, description="calibration images drawn from the training split")
-    percentile: float = Field(99.99, gt=0, le=100)
+    percentile: Literal[99.9, 99.99, 99.999] = 99.99
     bits: int = Field(8, ge=2, le=8)
     per_channel: bool = True
 
@@ -194,19 +214,40 @@ _RecipeDumper.add_representer(
 # ---------------------------------------------------------------- hashing
 
 
+# Settings that change how a stage reports, not what it computes: left out of its hash.
+NOT_HASHED = frozenset({"progress"})
+
+
 def settings_hash(obj: BaseModel | dict | Any) -> str:
-    """sha256 of the canonical JSON of a settings model (or any JSON-able value)."""
-    data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
+    """sha256 of the canonical JSON of a settings model (or any JSON-able value), NOT_HASHED keys left out."""
+    data = obj.model_dump(mode="json", exclude=set(NOT_HASHED)) if isinstance(obj, BaseModel) else obj
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- loading, overrides, errors
 
 
+# The embedded default that `repq run` uses with no recipe: the schema's defaults plus these
+# (recipes/default.yaml is the same recipe written out). Small enough for a 2-core CPU in minutes.
+EMBEDDED_DEFAULT: dict[str, Any] = {
+    "name": "default",
+    "model": {"name": "repvgg_a0", "width_mult": 0.5},
+    "data": {"source": "digits"},
+    "stages": {
+        "train": {"epochs": 10},
+        "substitute": {"epochs": 6},
+        "ptq": {"calibrators": ["max", "entropy", "percentile", "mse"], "calib_size": 256},
+        "repq": {"modes": ["repq"], "bits": [8], "epochs": 3},
+        "export": {"targets": ["onnxruntime"]},
+        "engine": {"targets": ["onnxruntime"]},
+    },
+}
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe (None: the embedded default), apply ``key=value`` overrides, validate."""
     source = "default recipe"
-    raw: dict[str, Any] = {}
+    raw: dict[str, Any] = copy.deepcopy(EMBEDDED_DEFAULT) if path is None else {}
     if path is not None:
         path = Path(path)
         source = str(path)
@@ -344,8 +385,20 @@ def _suggest_elsewhere(word: str) -> str:
     """A key that exists in another section (``epochs=3`` -> ``stages.train.epochs``)."""
     leaf = word.split(".")[-1]
     hits = [k for k in _all_keys() if k.split(".")[-1] == leaf]
+    if not hits and leaf in TRAIN_FIELDS_FROM_RECIPE:
+        hits = [TRAIN_FIELDS_FROM_RECIPE[leaf]]
     return f"; did you mean {' or '.join(repr(h) for h in hits[:4])}?" if hits else ""
 
 
 def stage_names() -> tuple[str, ...]:
     return STAGE_ORDER
+
+
+def train_settings(recipe: Recipe):
+    """pipeline.train.TrainSettings for this recipe: the train stage's section plus model, data and seed."""
+    from pipeline.train import TrainSettings as Full
+
+    stage = recipe.stages.train.model_dump(exclude={"enabled"})
+    return Full(**stage, model=recipe.model.name, width_mult=recipe.model.width_mult,
+                model_kwargs=recipe.model.kwargs, seed=recipe.seed, split_seed=recipe.data.split_seed,
+                preset=recipe.data.preset, val_size=recipe.data.val_size, num_workers=recipe.data.workers)

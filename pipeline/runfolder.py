@@ -70,7 +70,7 @@ def hash_folder_files(folder: Path) -> dict[str, str]:
 def data_fingerprint(recipe: Recipe) -> dict[str, str]:
     """Cheap identity of the data: for folders, the hash of every file's relative path, size and mtime."""
     prints = {}
-    for label, source in (("source", recipe.data.source), ("val_dir", recipe.data.val_dir)):
+    for label, source in (("source", recipe.data.source), ("val_source", recipe.data.val_source)):
         if source is None:
             continue
         path = Path(source).expanduser()

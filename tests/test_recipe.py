@@ -1,0 +1,115 @@
+"""The recipe schema: example recipes load, errors are one line with the key path, overrides, hashes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.recipe import (
+    EMBEDDED_DEFAULT,
+    Recipe,
+    load_recipe,
+    parse_override,
+    settings_hash,
+    train_settings,
+)
+from reparam.errors import RepqError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def test_the_five_example_recipes_are_there():
+    names = {p.stem for p in RECIPES}
+    assert {"default", "cifar10_repvgg_vs_qarepvgg", "cifar10_repq_8_4bit", "imagenet_repvgg_a0",
+            "ecbsr_x2"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_example_recipe_loads_and_round_trips(path, tmp_path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    # What `repq recipe --show` prints is itself a valid recipe that loads to the same thing.
+    shown = tmp_path / "shown.yaml"
+    shown.write_text(recipe.to_yaml())
+    assert load_recipe(shown) == recipe
+
+
+def test_recipes_default_yaml_is_the_embedded_default():
+    assert load_recipe(ROOT / "recipes" / "default.yaml") == load_recipe(None)
+    assert load_recipe(None).model.width_mult == EMBEDDED_DEFAULT["model"]["width_mult"]
+
+
+def test_unknown_key_gets_one_line_with_path_suggestion_and_allowed_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  train:\n    epoch: 3\n    lr: -1\n"
+                   "  ptq:\n    calibrators: [max, hist]\nmodle: {}\n")
+    with pytest.raises(RepqError) as info:
+        load_recipe(bad)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 4, lines  # one line per problem
+    by_key = {line.split(": ")[1]: line for line in lines}
+    assert "did you mean 'epochs'?" in by_key["stages.train.epoch"]
+    assert "allowed here:" in by_key["stages.train.epoch"] and "weight_decay" in by_key["stages.train.epoch"]
+    assert "greater than 0" in by_key["stages.train.lr"] and "(got -1)" in by_key["stages.train.lr"]
+    assert "'max', 'entropy', 'percentile' or 'mse'" in by_key["stages.ptq.calibrators.1"]
+    assert "did you mean 'model'?" in by_key["modle"]
+    assert all(line.startswith(str(bad)) for line in lines)
+
+
+def test_key_in_the_wrong_section_points_to_the_right_one():
+    with pytest.raises(RepqError, match=r"epochs: unknown key; did you mean 'stages\.train\.epochs'"):
+        load_recipe(None, ["epochs=3"])
+    with pytest.raises(RepqError, match=r"stages\.train\.model: unknown key; did you mean 'model\.name'"):
+        load_recipe(None, ["stages.train.model=resnet18"])
+
+
+def test_overrides_are_literals_applied_before_validation():
+    recipe = load_recipe(None, ["stages.train.epochs=3", "stages.ptq.calibrators=['max']",
+                                "model.name=resnet18", "stages.qat.enabled=true", "model.width_mult=none",
+                                "stages.train.lr=1e-3", "model.kwargs.deploy=False"])
+    assert recipe.stages.train.epochs == 3 and recipe.stages.ptq.calibrators == ["max"]
+    assert recipe.model.name == "resnet18" and recipe.stages.qat.enabled is True
+    assert recipe.model.width_mult is None and recipe.stages.train.lr == 1e-3
+    assert recipe.model.kwargs == {"deploy": False}
+    assert parse_override("data.source=/a/b=c") == ("data.source", "/a/b=c")
+    with pytest.raises(RepqError, match="not key=value"):
+        load_recipe(None, ["epochs"])
+    with pytest.raises(RepqError, match=r"seed: Input should be a valid integer.*\(got 'abc'\)"):
+        load_recipe(None, ["seed=abc"])
+    with pytest.raises(RepqError, match="name is a value, not a section"):
+        load_recipe(None, ["model.name.x=1"])
+
+
+def test_file_problems_are_one_line(tmp_path):
+    with pytest.raises(RepqError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("stages:\n  train: [1, 2\n")
+    with pytest.raises(RepqError, match=r"not valid YAML at line \d+") as info:
+        load_recipe(broken)
+    assert "\n" not in str(info.value)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(RepqError, match="not a mapping"):
+        load_recipe(listing)
+
+
+def test_settings_hash_tracks_settings_not_key_order_or_progress():
+    a = Recipe().stages.ptq
+    assert settings_hash(a) == settings_hash(a.model_copy())
+    assert settings_hash(a) != settings_hash(a.model_copy(update={"calib_size": 7}))
+    assert settings_hash({"x": 1, "y": 2}) == settings_hash({"y": 2, "x": 1})
+    train = Recipe().stages.train
+    if "progress" in type(train).model_fields:
+        flipped = train.model_copy(update={"progress": not train.progress})
+        assert settings_hash(train) == settings_hash(flipped)
+
+
+def test_train_settings_combine_the_stage_with_model_data_and_seed():
+    pytest.importorskip("pipeline.train")
+    recipe = load_recipe(None, ["seed=5", "data.preset=cifar", "stages.train.epochs=2"])
+    settings = train_settings(recipe)
+    assert (settings.model, settings.width_mult, settings.seed, settings.preset, settings.epochs) == \
+        ("repvgg_a0", 0.5, 5, "cifar", 2)
