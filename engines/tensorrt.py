@@ -510,27 +510,33 @@ class TensorRTEngine:
     def evaluate(self, loader) -> dict:
         return topk_accuracy(self, loader)
 
+    def times(
+        self, batch: int, *, warmup: int = 20, runs: int = 100, cuda_graph: bool = False
+    ) -> list[float]:
+        """GPU seconds per run of one batch of random images (CUDA events; optionally a CUDA graph)."""
+        import torch
+
+        images = torch.randn((batch, *self.image_shape), device=self.device).to(self.input_dtype)
+        output = self._bind(images)  # both buffers must stay alive while the batch is timed
+        self._launch()
+        self.stream.synchronize()
+        launch = self._launch
+        if cuda_graph:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream):
+                self._launch()
+            launch = graph.replay
+        times = cuda_event_times(launch, self.stream, warmup=warmup, runs=runs)
+        del images, output
+        return times
+
     def benchmark(
         self, batch_sizes: Sequence[int], *, warmup: int = 20, runs: int = 100, cuda_graph: bool = False
     ) -> list[LatencyStats]:
-        import torch
-
-        stats = []
-        for batch in batch_sizes:
-            images = torch.randn((batch, *self.image_shape), device=self.device).to(self.input_dtype)
-            self._bind(images)  # buffers stay alive in this frame while the batch is timed
-            self._launch()
-            self.stream.synchronize()
-            launch = self._launch
-            if cuda_graph:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=self.stream):
-                    self._launch()
-                launch = graph.replay
-            stats.append(
-                latency_stats(cuda_event_times(launch, self.stream, warmup=warmup, runs=runs), batch)
-            )
-        return stats
+        return [
+            latency_stats(self.times(b, warmup=warmup, runs=runs, cuda_graph=cuda_graph), b)
+            for b in batch_sizes
+        ]
 
 
 # ---------------------------------------------------------------- whole measurement + report

@@ -72,6 +72,31 @@ class TorchCudaEngine:
     def evaluate(self, loader) -> dict:
         return topk_accuracy(self, loader)
 
+    def times(
+        self,
+        image_shape: Sequence[int],
+        batch: int,
+        *,
+        warmup: int = 20,
+        runs: int = 100,
+        cuda_graph: bool = True,
+    ) -> list[float]:
+        """GPU seconds per forward of one batch of random images (CUDA events; optionally a CUDA graph)."""
+        import torch
+
+        static_input = self._prepare(torch.randn((batch, *image_shape)))
+        with torch.inference_mode():
+            with torch.cuda.stream(self.stream):  # let cuDNN pick its algorithms before any capture
+                for _ in range(3):
+                    self.model(static_input)
+            self.stream.synchronize()
+            if cuda_graph:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self.model(static_input)
+                return cuda_event_times(graph.replay, self.stream, warmup=warmup, runs=runs)
+            return cuda_event_times(lambda: self.model(static_input), self.stream, warmup=warmup, runs=runs)
+
     def benchmark(
         self,
         image_shape: Sequence[int],
@@ -81,29 +106,10 @@ class TorchCudaEngine:
         runs: int = 100,
         cuda_graph: bool = True,
     ) -> list[LatencyStats]:
-        import torch
-
-        stats = []
-        for batch in batch_sizes:
-            static_input = self._prepare(torch.randn((batch, *image_shape)))
-            with torch.inference_mode():
-                with torch.cuda.stream(self.stream):  # warm cuDNN's algorithm choice before any capture
-                    for _ in range(3):
-                        self.model(static_input)
-                self.stream.synchronize()
-                if cuda_graph:
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, stream=self.stream):
-                        self.model(static_input)
-                    launch = graph.replay
-                else:
-
-                    def launch(static_input=static_input):
-                        return self.model(static_input)
-
-                times = cuda_event_times(launch, self.stream, warmup=warmup, runs=runs)
-            stats.append(latency_stats(times, batch))
-        return stats
+        return [
+            latency_stats(self.times(image_shape, b, warmup=warmup, runs=runs, cuda_graph=cuda_graph), b)
+            for b in batch_sizes
+        ]
 
 
 def fake_quant_accuracy(quantized_model, loader) -> dict:
