@@ -60,7 +60,7 @@ TOY = textwrap.dedent('''
 
 OFF = ["stages.substitute.enabled=false", "stages.qat.enabled=false", "stages.repq.enabled=false",
        "stages.engine.enabled=false", "stages.bench.enabled=false", "stages.report.enabled=false",
-       "stages.train.epochs=2", "name=toy"]
+       "stages.train.epochs=2", "stages.ptq.calib_size=512", "name=toy"]
 
 
 @pytest.fixture
