@@ -1,0 +1,472 @@
+"""The run report: report.md, a self-contained report.html (plots embedded as PNG) and metrics.json.
+
+What a stage contributes is data in its manifest's ``metrics`` (see pipeline/runfolder.py):
+
+- ``ladder``: entries ``{"step", "top1", "top5"?, "method"?}``, ``step`` one of :data:`LADDER_STEPS`. Entries
+  without a method (the train-form and fused FP32 models) apply to every method's row. The ladder shows where
+  accuracy is lost on the way from the trained model to the INT8 engine.
+- ``methods``: rows ``{"method", "bits"?, "engine"?, "top1"?, "top5"?, "latency_ms"?, "throughput"?,
+  "size_mb"?, "batch_size"?}``. Rows with the same (method, bits, engine) from several stages are merged, so
+  the engine stage can give accuracy and the bench stage latency. The INT8 drop is computed here.
+- Training curves: every ``*.jsonl`` file in a stage folder, one JSON object per line (``epoch``, numbers).
+- Weight violins: every stage output named ``fused`` (a fused model's checkpoint) or else ``checkpoint`` (a
+  train-form checkpoint with ``arch``, fused here).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reparam.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+LADDER_STEPS: dict[str, str] = {
+    "train": "train-form FP32 (PyTorch)",
+    "fused": "fused FP32 (PyTorch)",
+    "fakequant": "fake-quant (PyTorch)",
+    "qdq_onnx": "QDQ ONNX (ONNX Runtime)",
+    "engine": "INT8 engine",
+}
+SHORT_STEPS = {"train": "train-form", "fused": "fused", "fakequant": "fake-quant", "qdq_onnx": "QDQ ONNX",
+               "engine": "engine"}
+METHOD_COLUMNS = (
+    ("method", "Method"), ("bits", "Bits"), ("engine", "Engine"), ("top1", "Top-1 %"), ("top5", "Top-5 %"),
+    ("int8_drop", "Drop vs FP32 (pts)"), ("latency_ms", "Latency (ms)"), ("throughput", "Throughput (img/s)"),
+    ("size_mb", "Size (MB)"),
+)
+MAX_VIOLIN_SAMPLES = 20_000
+CURVE_SKIP = ("epoch", "step", "lr", "time_s", "images_per_s")
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _row_key(row: dict) -> tuple:
+    return (row.get("method"), row.get("bits"), row.get("engine"))
+
+
+def merge_methods(rows: list[dict]) -> list[dict]:
+    """Merge rows of the same (method, bits, engine); later values fill or override earlier ones."""
+    merged: dict[tuple, dict] = {}
+    for row in rows:
+        merged.setdefault(_row_key(row), {}).update({k: v for k, v in row.items() if v is not None})
+    return list(merged.values())
+
+
+def _is_fp32(row: dict) -> bool:
+    return str(row.get("method", "")).upper().startswith("FP32") or row.get("bits") == 32
+
+
+def add_drops(methods: list[dict], ladder: list[dict]) -> list[dict]:
+    """``int8_drop`` = FP32 top-1 minus the row's top-1 (the FP32 row on the same engine, else any FP32 row,
+    else the fused FP32 model of the ladder)."""
+    fp32 = {row.get("engine"): row["top1"] for row in methods if _is_fp32(row) and "top1" in row}
+    fallback = next(iter(fp32.values()), None)
+    if fallback is None:
+        fused = [e["top1"] for e in ladder if e.get("step") in ("fused", "train") and "top1" in e]
+        fallback = fused[-1] if fused else None
+    out = []
+    for row in methods:
+        row = dict(row)
+        reference = fp32.get(row.get("engine"), fallback)
+        if not _is_fp32(row) and "top1" in row and reference is not None:
+            row["int8_drop"] = round(reference - row["top1"], 4)
+        out.append(row)
+    return out
+
+
+def ladder_table(ladder: list[dict]) -> tuple[list[str], list[dict]]:
+    """(steps present, rows): a row per method, {"method", <step>: top1, ..., "lost_at": "a -> b (-x.xx)"}."""
+    shared = {e["step"]: e["top1"] for e in ladder if not e.get("method") and "top1" in e}
+    methods = list(dict.fromkeys(e["method"] for e in ladder if e.get("method")))
+    rows = []
+    for method in methods or ["FP32"]:
+        row = {"method": method, **shared}
+        row.update({e["step"]: e["top1"] for e in ladder if e.get("method") == method and "top1" in e})
+        rows.append(row)
+    steps = [s for s in LADDER_STEPS if any(s in r for r in rows)]
+    for row in rows:
+        present = [s for s in steps if s in row]
+        drops = [(row[a] - row[b], a, b) for a, b in zip(present, present[1:], strict=False)]
+        if drops:
+            worst = max(drops)
+            if worst[0] > 0:
+                row["lost_at"] = f"{SHORT_STEPS[worst[1]]} -> {SHORT_STEPS[worst[2]]} (-{worst[0]:.2f})"
+            else:
+                row["lost_at"] = "nowhere"
+    return steps, rows
+
+
+def collect_run_metrics(records: dict, recipe: Any = None) -> dict[str, Any]:
+    """metrics.json from a run's stage records (``pipeline.runfolder.read_run``)."""
+    ladder: list[dict] = []
+    methods: list[dict] = []
+    stages: dict[str, Any] = {}
+    versions: dict[str, str] = {}
+    for name, record in records.items():
+        metrics = dict(record.metrics)
+        ladder.extend(dict(e, stage=name) for e in metrics.pop("ladder", []))
+        methods.extend(metrics.pop("methods", []))
+        stages[name] = {"wall_s": record.manifest.get("wall_s"), "finished": record.manifest.get("finished"),
+                        "key": record.key, "metrics": metrics}
+        versions = record.manifest.get("versions", versions)
+    run: dict[str, Any] = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                           "versions": versions}
+    if recipe is not None:
+        run.update(name=recipe.name, model=recipe.model.model_dump(mode="json"),
+                   data=recipe.data.model_dump(mode="json"), seed=recipe.seed)
+    methods = add_drops(merge_methods(methods), ladder)
+    total = sum(s["wall_s"] or 0 for s in stages.values())
+    return {"run": run, "ladder": ladder, "methods": methods, "stages": stages,
+            "total_wall_s": round(total, 3)}
+
+
+# ---------------------------------------------------------------- inputs for the plots
+
+
+def read_curve(path: str | Path) -> list[dict]:
+    """A metrics.jsonl: one JSON object a line; an unreadable line (a killed writer's last) is skipped."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def conv_weights(source: Any) -> dict[str, np.ndarray]:
+    """Conv kernels (4-D ``*.weight`` tensors) of a fused model: a module, state dict or checkpoint dict."""
+    if hasattr(source, "state_dict"):
+        source = source.state_dict()
+    for key in ("state_dict", "model"):
+        if isinstance(source, dict) and isinstance(source.get(key), dict):
+            source = source[key]
+    weights = {}
+    for name, tensor in source.items():
+        if name.endswith("weight") and getattr(tensor, "ndim", 0) == 4:
+            weights[name.removesuffix(".weight")] = tensor.detach().float().cpu().numpy().ravel()
+    return weights
+
+
+def fused_conv_weights(checkpoint: dict) -> tuple[str, dict[str, np.ndarray]]:
+    """(model name, conv weights of its deploy form) from a repq checkpoint; a train-form one is fused."""
+    arch = checkpoint.get("arch")
+    if isinstance(arch, dict) and "state_dict" in checkpoint and not arch.get("deploy"):
+        from reparam import fuse_model, model_from_arch
+
+        model = model_from_arch(arch)
+        model.load_state_dict(checkpoint["state_dict"])
+        return str(arch.get("name", "model")), conv_weights(fuse_model(model.eval()))
+    name = arch.get("name", "model") if isinstance(arch, dict) else "model"
+    return str(name), conv_weights(checkpoint)
+
+
+# ---------------------------------------------------------------- plots (PNG bytes)
+
+
+def _figure_png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_latency(methods: list[dict]) -> bytes | None:
+    points = [r for r in methods if _number(r.get("top1")) and _number(r.get("latency_ms"))]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in points:
+        label = _method_label(row)
+        ax.scatter(row["latency_ms"], row["top1"], s=50, marker="s" if _is_fp32(row) else "o", label=label)
+        ax.annotate(label, (row["latency_ms"], row["top1"]), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    ax.set_xlabel("latency per batch (ms, lower is better)")
+    ax.set_ylabel("top-1 accuracy on the engine (%)")
+    ax.set_title("Accuracy vs latency per method")
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.25, y=0.15)
+    return _figure_png(fig)
+
+
+def plot_weight_violins(models: dict[str, dict[str, np.ndarray]], seed: int = 0) -> bytes | None:
+    """One violin per conv layer of each fused model (as the QARepVGG paper's Figure 2)."""
+    models = {label: w for label, w in models.items() if w}
+    if not models:
+        return None
+    plt = _pyplot()
+    rng = np.random.default_rng(seed)
+    width = max(7.0, 0.35 * max(len(w) for w in models.values()) + 2)
+    fig, axes = plt.subplots(len(models), 1, figsize=(width, 3.8 * len(models)), squeeze=False)
+    for ax, (label, weights) in zip(axes[:, 0], models.items(), strict=True):
+        data = []
+        for values in weights.values():
+            if values.size > MAX_VIOLIN_SAMPLES:
+                values = rng.choice(values, MAX_VIOLIN_SAMPLES, replace=False)
+            data.append(values)
+        positions = np.arange(1, len(data) + 1)
+        parts = ax.violinplot(data, positions=positions, widths=0.8, showextrema=True, showmedians=False)
+        for body in parts["bodies"]:
+            body.set_alpha(0.6)
+        ax.set_xticks(positions)
+        ax.set_xticklabels([str(i) for i in range(len(data))], fontsize=7)
+        ax.set_xlabel("conv layer of the deploy form (input to output)")
+        ax.set_ylabel("weight value")
+        ranges = [float(np.max(np.abs(v))) for v in weights.values()]
+        ax.set_title(f"{label}: per-layer weights of the fused model (largest |w| = {max(ranges):.3g})",
+                     fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def _curve_panel(key: str) -> str | None:
+    """'loss' or 'quality' for the series worth a line; None for the rest (rates, deploy-form copies)."""
+    if key.startswith("deploy_") or not isinstance(key, str):
+        return None
+    if "loss" in key:
+        return "loss"
+    if "top1" in key or "acc" in key or "psnr" in key:
+        return "quality"
+    return None
+
+
+def plot_curves(curves: dict[str, list[dict]]) -> bytes | None:
+    """Loss series and top-1/PSNR series against epoch, one line per (curve, key)."""
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    axes = {"loss": ax_loss, "quality": ax_acc}
+    drawn = {ax_loss: 0, ax_acc: 0}
+    for name, rows in curves.items():
+        keys = {k for r in rows for k, v in r.items() if _number(v) and _curve_panel(k)}
+        for key in sorted(keys):
+            points = [(r.get("epoch", i), r[key]) for i, r in enumerate(rows) if _number(r.get(key))]
+            ax = axes[_curve_panel(key)]
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", markersize=3, label=f"{name}: {key}")
+            drawn[ax] += 1
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, title, ylabel in ((ax_loss, "Training loss", "loss"),
+                              (ax_acc, "Accuracy", "top-1 (%) or PSNR (dB)")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if drawn[ax]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_report(metrics: dict[str, Any], out_dir: str | Path, *, weights: dict | None = None,
+                 curves: dict | None = None, title: str | None = None) -> dict[str, Path]:
+    """report.md, report.html, metrics.json and plots/*.png into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    plots = {
+        "accuracy_latency": ("Accuracy vs latency", plot_accuracy_latency(metrics.get("methods", []))),
+        "weight_violins": ("Per-layer weights of the fused model", plot_weight_violins(weights or {})),
+        "training_curves": ("Training curves", plot_curves(curves or {})),
+    }
+    plots = {k: v for k, v in plots.items() if v[1] is not None}
+    paths = {}
+    for name, (_, png) in plots.items():
+        paths[name] = atomic_write_bytes(out_dir / "plots" / f"{name}.png", png)
+    title = title or f"repq report: {metrics.get('run', {}).get('name', 'run')}"
+    paths["metrics"] = atomic_write_json(out_dir / "metrics.json", metrics)
+    paths["markdown"] = atomic_write_text(out_dir / "report.md", render_markdown(metrics, plots, title))
+    paths["html"] = atomic_write_text(out_dir / "report.html", render_html(metrics, plots, title))
+    return paths
+
+
+def _sections(metrics: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """(heading, intro, header, rows) of every table, shared by the Markdown and the HTML."""
+    sections = []
+    steps, ladder_rows = ladder_table(metrics.get("ladder", []))
+    if steps:
+        header = ["Method"] + [LADDER_STEPS[s] for s in steps] + ["Largest loss"]
+        rows = [[str(r["method"])] + [_fmt(r.get(s)) for s in steps] + [r.get("lost_at", "")]
+                for r in ladder_rows]
+        sections.append(("Parity ladder", "Top-1 (%) of the same model at each step from training to the "
+                         "INT8 engine: the largest loss says where accuracy goes.", header, rows))
+    methods = metrics.get("methods", [])
+    if methods:
+        columns = [(k, h) for k, h in METHOD_COLUMNS if any(k in r for r in methods)]
+        rows = [[_method_cell(r, k) for k, _ in columns] for r in methods]
+        sections.append(("Methods", "Accuracy measured on the engine; drop in points against FP32 on the "
+                         "same engine; latency and throughput measured on the engine itself.",
+                         [h for _, h in columns], rows))
+    stages = metrics.get("stages", {})
+    if stages:
+        rows = []
+        for name, stage in stages.items():
+            scalars = {k: v for k, v in stage.get("metrics", {}).items() if _number(v) or isinstance(v, str)}
+            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(scalars.items())[:8])
+            rows.append([name, _fmt(stage.get("wall_s"), 1), shown])
+        total = metrics.get("total_wall_s")
+        sections.append(("Stages", f"Wall time of each stage when it ran (total {_fmt(total, 1)} s).",
+                         ["Stage", "Wall (s)", "Metrics"], rows))
+    return sections
+
+
+def render_markdown(metrics: dict[str, Any], plots: dict, title: str) -> str:
+    lines = [f"# {title}", "", _run_line(metrics), ""]
+    for heading, intro, header, rows in _sections(metrics):
+        lines += [f"## {heading}", "", intro, "", "| " + " | ".join(header) + " |",
+                  "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+        lines.append("")
+    for name, (caption, _) in plots.items():
+        lines += [f"## {caption}", "", f"![{caption}](plots/{name}.png)", ""]
+    lines += ["All figures: `metrics.json`.", ""]
+    return "\n".join(lines)
+
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1150px; padding: 0 1.5em; color: #1f2328; line-height: 1.45; }
+h1 { border-bottom: 2px solid #d0d7de; padding-bottom: .3em; }
+h2 { margin-top: 1.6em; border-bottom: 1px solid #d0d7de; padding-bottom: .2em; }
+p.intro, p.meta { color: #57606a; }
+table { border-collapse: collapse; margin: .6em 0 1em; font-size: 14px; }
+th, td { border: 1px solid #d0d7de; padding: 5px 10px; text-align: right; white-space: nowrap; }
+th { background: #f6f8fa; }
+th.text, td.text { text-align: left; }
+td.text { white-space: normal; }
+td:first-child { white-space: nowrap; }
+tr:nth-child(even) td { background: #fbfcfd; }
+img { max-width: 100%; border: 1px solid #d0d7de; border-radius: 4px; }
+"""
+
+
+def render_html(metrics: dict[str, Any], plots: dict, title: str) -> str:
+    esc = html.escape
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
+             f"<h1>{esc(title)}</h1>", f'<p class="meta">{esc(_run_line(metrics))}</p>']
+    for heading, intro, header, rows in _sections(metrics):
+        parts += [f"<h2>{esc(heading)}</h2>", f'<p class="intro">{esc(intro)}</p>', "<table><thead><tr>"]
+        # A column is right-aligned (header too) when every cell in it is a number.
+        numeric = [i > 0 and all(_looks_numeric(r[i]) for r in rows) for i in range(len(header))]
+        parts += [f"<th{'' if num else ' class=text'}>{esc(h)}</th>"
+                  for h, num in zip(header, numeric, strict=True)]
+        parts.append("</tr></thead><tbody>")
+        for row in rows:
+            cells = "".join(f"<td{'' if num else ' class=text'}>{esc(c)}</td>"
+                            for c, num in zip(row, numeric, strict=True))
+            parts.append(f"<tr>{cells}</tr>")
+        parts.append("</tbody></table>")
+    for _name, (caption, png) in plots.items():
+        data = base64.b64encode(png).decode("ascii")
+        parts += [f"<h2>{esc(caption)}</h2>",
+                  f'<img alt="{esc(caption)}" src="data:image/png;base64,{data}">']
+    parts += ['<p class="meta">All figures are in metrics.json next to this file.</p>', "</body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+def _run_line(metrics: dict[str, Any]) -> str:
+    run = metrics.get("run", {})
+    model, data = run.get("model", "?"), run.get("data", "?")
+    model = model.get("name", "?") if isinstance(model, dict) else model
+    data = data.get("source", "?") if isinstance(data, dict) else data
+    versions = run.get("versions", {})
+    shown = ", ".join(f"{k} {versions[k]}" for k in ("torch", "onnxruntime", "nvidia-modelopt")
+                      if k in versions)
+    return f"model {model} on {data}, seed {run.get('seed', '?')}; created {run.get('created', '?')}" + (
+        f"; {shown}" if shown else "")
+
+
+def _method_label(row: dict) -> str:
+    bits = f" {row['bits']}-bit" if row.get("bits") and not _is_fp32(row) else ""
+    engine = f" ({row['engine']})" if row.get("engine") else ""
+    return f"{row.get('method', '?')}{bits}{engine}"
+
+
+def _method_cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    if key == "int8_drop" and value is not None:
+        return f"{value:+.2f}".replace("+", "") if value >= 0 else f"{value:.2f}"
+    if key in ("latency_ms", "size_mb"):
+        return _fmt(value, 3 if key == "latency_ms" and _number(value) and value < 1 else 2)
+    if key == "throughput":
+        return _fmt(value, 0)
+    return _fmt(value)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def _looks_numeric(cell: str) -> bool:
+    try:
+        float(cell)
+        return True
+    except ValueError:
+        return cell == "-"
+
+
+# ---------------------------------------------------------------- a run folder
+
+
+def render_run_report(run_dir: str | Path, recipe: Any = None,
+                      out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Collect a run folder's trusted stages; write the report into ``out_dir`` (default: the run folder)."""
+    from pipeline.runfolder import read_run
+    from reparam.io import load_checkpoint
+
+    run_dir = Path(run_dir)
+    records = read_run(run_dir)
+    metrics = collect_run_metrics(records, recipe)
+    curves, weights = {}, {}
+    want_violins = recipe is None or recipe.stages.report.violins
+    for name, record in records.items():
+        for path in sorted(record.dir.rglob("*.jsonl")):
+            label = name if path.stem in ("metrics", name) else f"{name}/{path.stem}"
+            curves[label] = read_curve(path)
+        model_file = record.outputs.get("fused") or record.outputs.get("checkpoint")
+        if want_violins and model_file is not None and model_file.is_file():
+            label, layers = fused_conv_weights(load_checkpoint(model_file))
+            weights[f"{name}: {label}"] = layers
+    return write_report(metrics, out_dir or run_dir, weights=weights, curves=curves)
