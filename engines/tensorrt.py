@@ -399,7 +399,9 @@ def build_engine(
 
     cache_path = Path(timing_cache) if timing_cache else engine_path.parent / "timing.cache"
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # a cache from another GPU or version
+        log_lines.append(f"[repq] timing cache {cache_path} does not match this GPU/TensorRT: starts anew")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
