@@ -1,0 +1,191 @@
+"""NVIDIA's toolkit adapter: symmetric-INT8 PTQ fake quantization with ModelOpt, saved with its amax values.
+
+The design card names `pytorch-quantization`; NVIDIA deprecated it in favour of ModelOpt
+(`nvidia-modelopt`, `modelopt.torch.quantization`), and the PyPI `pytorch-quantization` package is an empty
+placeholder, so ModelOpt is the toolkit here. It inserts the same TensorQuantizers (fake quant with a
+straight-through estimator, amax-based symmetric scale) that TensorRT's explicit quantization expects.
+
+Quantization as TensorRT runs it: every Conv2d and Linear gets a per-tensor int8 input quantizer and a
+per-output-channel (axis 0) int8 weight quantizer, zero point 0, range [-128, 127], first and last layer
+included; `skip_layers` keeps named layers in float. Each Conv2d also calibrates an output quantizer that is
+then disabled: it never touches the fake-quant forward (TensorRT does not quantize conv outputs), but export
+needs that range where ORT quantizes a conv output no other layer consumes (before a pool or a residual Add).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from calibration.calibrators import (
+    WEIGHT_CFG,
+    CalibrationSettings,
+    activation_cfg,
+    calibrate_histograms,
+    settings,
+)
+from reparam.errors import RepqError
+from reparam.io import atomic_save, load_checkpoint
+
+FORMAT = "repq-toolkit-quant/1"
+QUANTIZED_TYPES = (nn.Conv2d, nn.Linear)
+
+
+def quant_config(
+    calib: CalibrationSettings, skip_layers: Sequence[str] = (), record_outputs: bool = True
+) -> dict:
+    """The ModelOpt config: what is quantized, as data (wildcards -> quantizer attributes)."""
+    act = activation_cfg(calib)
+    rules: list[dict] = [{"quantizer_name": "*", "enable": False}]
+    for parent in ("nn.Conv2d", "nn.Linear"):
+        rules.append({"quantizer_name": "*weight_quantizer", "parent_class": parent, "cfg": dict(WEIGHT_CFG)})
+        rules.append({"quantizer_name": "*input_quantizer", "parent_class": parent, "cfg": dict(act)})
+    if record_outputs:
+        rules.append({"quantizer_name": "*output_quantizer", "parent_class": "nn.Conv2d", "cfg": dict(act)})
+    for name in skip_layers:
+        rules.append({"quantizer_name": f"{name}.*", "enable": False})
+    algorithm = "max" if calib.calibrator.collector == "max" else None
+    return {"quant_cfg": rules, "algorithm": algorithm}
+
+
+def forward_loop(loader: Iterable, num_batches: int | None = None) -> Callable[[nn.Module], None]:
+    """A ModelOpt forward loop over (images, labels) or images batches; NaN/inf in a batch is an error."""
+
+    def loop(model: nn.Module) -> None:
+        device = next(model.parameters()).device
+        seen = 0
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if num_batches is not None and i >= num_batches:
+                    break
+                images = batch[0] if isinstance(batch, (list, tuple)) else batch
+                if not torch.isfinite(images).all():
+                    raise RepqError(f"calibration batch {i} holds NaN or inf values: clean the calibration "
+                                    "images (or their normalisation) and calibrate again")
+                model(images.to(device))
+                seen += 1
+        if seen == 0:
+            raise RepqError("the calibration loader yielded no batches: give it at least one image")
+
+    return loop
+
+
+def deploy_copy(model: nn.Module, fuse: bool = True) -> nn.Module:
+    """A deep copy in deploy form (every re-param block fused into one conv) unless `fuse=False`."""
+    if not fuse:
+        return copy.deepcopy(model)
+    from reparam import fuse_model
+
+    return fuse_model(model)
+
+
+def check_skip_layers(model: nn.Module, skip_layers: Sequence[str]) -> None:
+    names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)]
+    for name in skip_layers:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RepqError(f"skip_layers names {name!r}, which is no Conv2d/Linear of this model{hint}: "
+                            f"use a name from model.named_modules()")
+
+
+def quantize(
+    model: nn.Module,
+    calib_loader: Iterable,
+    method: str = "max",
+    percentile: float = 99.99,
+    *,
+    fuse: bool = True,
+    skip_layers: Sequence[str] = (),
+    num_batches: int | None = None,
+    record_outputs: bool = True,
+) -> nn.Module:
+    """A fake-quantized copy of `model` calibrated on `calib_loader` with `method`; `model` is untouched."""
+    import modelopt.torch.quantization as mtq
+
+    calib = settings(method, percentile, num_batches)
+    work = deploy_copy(model, fuse).eval()
+    check_skip_layers(work, skip_layers)
+    loop = forward_loop(calib_loader, num_batches)
+    config = quant_config(calib, skip_layers, record_outputs)
+    if config["algorithm"] is None:  # histogram calibrators: mtq.quantize cannot compute their amax (0.47)
+        work = mtq.quantize(work, config, None)
+        calibrate_histograms(work, loop, calib)
+    else:
+        work = mtq.quantize(work, config, loop)
+    for module in work.modules():
+        if isinstance(module, nn.Conv2d) and hasattr(module, "output_quantizer"):
+            module.output_quantizer.disable()  # keeps its amax for export, leaves the forward as TensorRT's
+    work.repq_quant = {"calibration": calib.model_dump(), "fused": fuse, "skip_layers": list(skip_layers)}
+    return work
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Conv2d/Linear modules that carry ModelOpt quantizers, by name."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, QUANTIZED_TYPES) and hasattr(m, "weight_quantizer")}
+
+
+def save_quantized(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:
+    """Weights + quantizer state (amax included) so a later run loads it without recalibrating."""
+    import modelopt.torch.opt as mto
+
+    payload = {
+        "format": FORMAT,
+        "modelopt_state": mto.modelopt_state(model),
+        "state_dict": model.state_dict(),
+        "arch": getattr(model, "repq_arch", None),
+        "quant": getattr(model, "repq_quant", {}),
+        "extra": extra or {},
+    }
+    return atomic_save(payload, path)
+
+
+def load_quantized(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """The fake-quantized model saved by `save_quantized`; `model` (float, same form) or its recorded arch."""
+    import modelopt.torch.opt as mto
+
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") != FORMAT:
+        raise RepqError(f"{path} is not a quantized-model file ({FORMAT}): "
+                        "pass the output of `repq ptq` or `repq qat`")
+    quant = ckpt.get("quant") or {}
+    if model is None:
+        arch = ckpt.get("arch")
+        if not arch:
+            raise RepqError(f"{path} records no model architecture: pass the float model to load_quantized")
+        from reparam import create_model
+
+        model = create_model(arch["name"], **arch.get("kwargs", {}))
+        model = deploy_copy(model, quant.get("fused", True))
+    else:
+        model = copy.deepcopy(model)
+    try:
+        model = mto.restore_from_modelopt_state(model.eval(), ckpt["modelopt_state"])
+    except Exception as err:  # ModelOpt raises ApplyModeError/KeyError for a quantizer layout it cannot map
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise RepqError(f"checkpoint {path} does not match the model ({first}): load it into the model "
+                        "(and form, fused or not) it was saved from") from err
+    load_state_strict(model, ckpt["state_dict"], path)
+    model.repq_quant = quant
+    return model
+
+
+def load_state_strict(model: nn.Module, state: dict, source: str | Path) -> None:
+    """load_state_dict with a one-line error naming the first mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"shape of {shapes[0]} is {tuple(state[shapes[0]].shape)}, model has "
+                  f"{tuple(own[shapes[0]].shape)}")
+        raise RepqError(f"checkpoint {source} does not match the model ({detail}): load it into the model "
+                        "(and form, fused or not) it was saved from")
+    model.load_state_dict(state)
