@@ -38,8 +38,13 @@ TARGETS: dict[str, EngineTarget] = {
         ),
         EngineTarget(
             "tensorrt", "tensorrt", ".trt.onnx", True,
-            {"workspace_gb": 4, "batch_sizes": (1, 8)},
+            {"workspace_gb": 4, "batch_sizes": (1, 8), "cuda_graph": True},
             "TensorRT INT8 engine built from the explicit-quantization QDQ file",
+        ),
+        EngineTarget(
+            "openvino", "tensorrt", ".trt.onnx", False,
+            {"threads": 0, "batch_sizes": (1, 8), "precision_hint": "f32"},  # threads 0: the CPU count
+            "OpenVINO INT8 on the CPU, running the TensorRT-placement QDQ file unchanged",
         ),
     )
 }

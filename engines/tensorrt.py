@@ -352,7 +352,7 @@ def build_engine(
     batch_sizes: Sequence[int] = (1, 8, 32),
     opt_batch: int | None = None,
     timing_cache: str | os.PathLike | None = None,
-    workspace_gib: float = 4.0,
+    workspace_gb: float = 4.0,
 ) -> BuildResult:
     """Build and serialize one engine; write `<engine>.log` and `<engine>.layers.json` beside it."""
     trt = _tensorrt()
@@ -389,7 +389,7 @@ def build_engine(
         )
 
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     for flag in plan.flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
