@@ -160,3 +160,39 @@ def test_bad_files_give_one_line_errors(tmp_path):
     garbage.write_bytes(b"not an onnx file")
     with pytest.raises(RepqError, match="cannot read"):
         OpenVinoEngine(garbage)
+
+
+def test_exported_tensorrt_graph_runs_int8_and_matches_fake_quant(tmp_path):
+    """The real path: ModelOpt calibration -> export for the `openvino` target -> OpenVINO."""
+    import torch
+
+    from engines.export import export_onnx
+    from engines.targets import get_target
+    from quant.toolkit import quantize
+
+    assert get_target("openvino").placement == get_target("tensorrt").placement == "tensorrt"
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 5),
+    ).eval()
+    calib = [(torch.randn(8, 3, 12, 12), torch.zeros(8)) for _ in range(2)]
+    quantized = quantize(net, calib, method="max", fuse=False)
+    path = export_onnx(
+        quantized, tmp_path / "net.onnx", target="openvino", input_shape=(1, 3, 12, 12), dynamic_batch=True
+    )
+    engine = OpenVinoEngine(path, threads=1)
+    coverage = engine.int8_coverage()
+    assert coverage["compute_layers"] == 3 and coverage["int8_layers"] == 3, engine.layer_precisions()
+    x = torch.randn(5, 3, 12, 12)
+    with torch.no_grad():
+        fake_quant, fp32 = quantized(x).numpy(), net(x).numpy()
+    out = engine(x.numpy())
+    # The engine reproduces the fake-quant model far more closely than the float model it was made from.
+    assert np.abs(out - fake_quant).max() < 0.25 * np.abs(out - fp32).max() + 1e-4
+    assert np.abs(out - fake_quant).max() <= 0.02 * np.abs(fake_quant).max()
