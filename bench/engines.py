@@ -195,8 +195,9 @@ def cpu_engines(files: dict, threads: int, size: int, runs: int, warmup: int) ->
         return stats_runs
 
     benches = [ort("ort-fp32", files["fp32"], "fp32"), ort("ort-int8", files["ort"], "int8")]
-    if "ort-static" in files:
+    if "ort-static" in files:  # --baseline: ORT's own quantizer, and ORT on the TensorRT-placement file
         benches.append(ort("ort-int8-quantize_static", files["ort-static"], "int8"))
+        benches.append(ort("ort-int8-trt-placement", files["trt"], "int8"))
     if openvino_available() is None:
         for name, path, precision in (
             ("openvino-fp32", files["fp32"], "fp32"),
