@@ -34,7 +34,6 @@ from reparam.io import atomic_write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10" / "train"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GOAL_SPEEDUP = 3.5  # best INT8 engine over ORT FP32, fused RepVGG-A0, 224x224, batch 8, this CPU
 
 
@@ -64,8 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def image_batches(root: Path, count: int, size: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` images spread over the class folders of an ImageFolder, resized and ImageNet-normalized."""
+    """`count` images spread over the class folders of an ImageFolder, resized and normalized with the data
+    preset training uses at that size (cifar up to 64 pixels, imagenet above)."""
     from PIL import Image
+
+    from calibration.transforms import PRESETS
 
     if not root.is_dir():
         raise RepqError(f"data folder {root} does not exist: pass --data PATH (an ImageFolder)")
@@ -78,8 +80,9 @@ def image_batches(root: Path, count: int, size: int, offset: int = 0) -> tuple[t
         names = sorted(folder.iterdir())[offset : offset + per_class]
         files += [(path, label) for path in names]
     files = files[:count]
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    preset = PRESETS["cifar" if size <= 64 else "imagenet"]
+    mean = torch.tensor(preset.mean).view(3, 1, 1)
+    std = torch.tensor(preset.std).view(3, 1, 1)
     images = []
     for path, _ in files:
         with Image.open(path) as image:
