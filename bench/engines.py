@@ -91,6 +91,34 @@ def image_batches(root: Path, count: int, size: int, offset: int = 0) -> tuple[t
     return torch.stack(images), torch.tensor([label for _, label in files])
 
 
+def bench_images(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Calibration images, evaluation images and labels.
+
+    With --checkpoint (labels mean something) the project's own split is used: calibration from the training
+    split, evaluation on the held-out validation split. Without one (speed and agreement only) images are
+    drawn straight from the folder at any size, e.g. CIFAR-10 upscaled to 224.
+    """
+    if not args.checkpoint:
+        calib, _ = image_batches(Path(args.data), args.calib_images, args.image_size)
+        images, labels = image_batches(
+            Path(args.data), args.eval_images, args.image_size, offset=args.calib_images
+        )
+        return calib, images, labels
+    from calibration.datasets import load_data
+    from calibration.loaders import calibration_set
+
+    data = load_data(args.data)
+    if data.preset.image_size != args.image_size:
+        raise RepqError(
+            f"{args.data} trains at {data.preset.image_size}x{data.preset.image_size}, not "
+            f"{args.image_size}: pass --image-size {data.preset.image_size}"
+        )
+    calib, _ = calibration_set(data, args.calib_images)
+    count = min(args.eval_images, len(data.val))
+    images, labels = data.val.__getitems__(np.arange(count))
+    return calib, images, labels
+
+
 def load_model(args):
     from reparam import create_model
 
@@ -305,9 +333,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size, batches = args.image_size, sorted(set(args.batch))
-    data = Path(args.data)
-    calib, _ = image_batches(data, args.calib_images, size)
-    images, labels = image_batches(data, args.eval_images, size, offset=args.calib_images)
+    calib, images, labels = bench_images(args)
 
     model = load_model(args)
     fused = fuse_model(model).eval()
