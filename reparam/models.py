@@ -125,7 +125,7 @@ def _converted_resnet18(block: str) -> Callable[..., nn.Module]:
     def factory(num_classes: int = 1000, cifar: bool = False, deploy: bool = False) -> nn.Module:
         return convert_convs(_resnet18(num_classes, cifar), block, deploy=deploy)
 
-    factory.__doc__ = f"torchvision ResNet-18 with every kxk conv+BN converted to a {block} block."
+    factory.__doc__ = f"torchvision ResNet-18, every kxk conv+BN converted to {block} blocks (convert_convs)."
     return factory
 
 
@@ -152,6 +152,11 @@ TRANSFORMS: dict[str, Callable[[nn.Module], nn.Module]] = {"substitute_qarepvgg"
 
 def list_models() -> list[str]:
     return sorted(MODELS)
+
+
+def model_doc(name: str) -> str:
+    """The first line of a zoo model's docstring (its paper)."""
+    return (MODELS[name].__doc__ or "").strip().splitlines()[0]
 
 
 def create_model(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
