@@ -11,8 +11,10 @@ The skip rule follows DVC: a stage's key is the hash of its name, its settings, 
 a fingerprint of the data and the keys and file hashes of the stages it reads. A stage whose folder holds a
 manifest with that key, and files whose hashes still match it, is skipped ("cached - skipping"). A folder with
 no manifest, an unreadable one or a file that no longer matches is discarded and the stage reruns: nothing
-half-written is ever trusted. A stage writes into ``.tmp-<stage>-<pid>/``, which is renamed into place only
+half-written is ever trusted. A stage writes into ``.tmp-<stage>-<key>/``, which is renamed into place only
 after its manifest is written, so ``kill -9`` at any moment leaves the old finished folder or the new one.
+An interrupted attempt's folder is kept: the next attempt at the same key gets it back with ``ctx.resume``
+set, so a long training stage can continue from its last checkpoint instead of starting over.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline import stages as stage_registry
 from pipeline.recipe import STAGE_ORDER, Recipe, _suggest, settings_hash
-from pipeline.stages import REGISTRY, Stage, StageContext, StageRecord, as_result
+from pipeline.stages import Stage, StageContext, StageRecord, as_result
 from reparam.errors import RepqError
 from reparam.io import atomic_write_json, atomic_write_text
 
@@ -180,11 +183,17 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         handle.close()
 
 
-def clean_leftovers(run_dir: Path, log: Callable[[str], None]) -> None:
-    """Temp folders of a killed run: never trusted, removed."""
-    for path in sorted(run_dir.glob(".tmp-*")) + sorted(run_dir.glob(".trash-*")):
-        log(f"removing {path.name}: left by an interrupted run")
-        shutil.rmtree(path, ignore_errors=True)
+def clean_leftovers(run_dir: Path, log: Callable[[str], None], pattern: str = ".trash-*",
+                    keep: Path | None = None) -> None:
+    """Folders an interrupted run left behind that nothing will resume: removed, never trusted."""
+    for path in sorted(run_dir.glob(pattern)):
+        if path != keep:
+            log(f"removing {path.name}: left by an interrupted run")
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def attempt_dir(run_dir: Path, stage: str, key: str) -> Path:
+    return run_dir / f".tmp-{stage}-{key[:16]}"
 
 
 def pipeline_stages(recipe: Recipe, registry: dict[str, Stage]) -> tuple[list[Stage], list[str]]:
@@ -215,7 +224,7 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, from_stage: str | None = N
     ``from_stage`` forces that stage and every later one to rerun. ``render_report(run_dir, recipe)`` is
     called after the last stage (the default renders report.md/.html and metrics.json, see engines/report.py).
     """
-    registry = REGISTRY if registry is None else registry
+    registry = stage_registry.REGISTRY if registry is None else registry
     run_dir = Path(run_dir)
     if from_stage is not None and from_stage not in STAGE_ORDER:
         raise RepqError(f"--from {from_stage}: unknown stage{_suggest(from_stage, STAGE_ORDER)}; "
@@ -227,7 +236,7 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, from_stage: str | None = N
                         f"stages.{from_stage}.enabled=true or pick one of {', '.join(enabled_names)}")
     summary = RunSummary(run_dir, disabled=disabled)
     with run_lock(run_dir):
-        clean_leftovers(run_dir, log)
+        clean_leftovers(run_dir, log, ".trash-*")
         atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
         data_print = data_fingerprint(recipe)
         forced = False
@@ -248,8 +257,10 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, from_stage: str | None = N
             else:
                 reason = why
             log(f"{stage.name}: running ({reason})")
-            summary.records[stage.name] = _run_stage(stage, recipe, run_dir, key, data_print, upstream, log)
+            summary.records[stage.name] = _run_stage(stage, recipe, run_dir, key, data_print, upstream, log,
+                                                     fresh=forced)
             summary.ran.append(stage.name)
+        clean_leftovers(run_dir, log, ".tmp-*")  # attempts at keys this recipe no longer asks for
         if recipe.stages.report.enabled:
             if render_report is None:
                 from engines.report import render_run_report as render_report
@@ -258,45 +269,44 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, from_stage: str | None = N
 
 
 def _run_stage(stage: Stage, recipe: Recipe, run_dir: Path, key: str, data_print: dict[str, str],
-               upstream: dict[str, StageRecord], log: Callable[[str], None]) -> StageRecord:
+               upstream: dict[str, StageRecord], log: Callable[[str], None], fresh: bool) -> StageRecord:
     function = stage.function()
-    tmp = run_dir / f".tmp-{stage.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = attempt_dir(run_dir, stage.name, key)
+    clean_leftovers(run_dir, log, f".tmp-{stage.name}-*", keep=None if fresh else tmp)
+    resume = tmp.is_dir()
+    if resume:
+        log(f"{stage.name}: resuming the attempt an interrupted run left in {tmp.name}")
+    tmp.mkdir(parents=True, exist_ok=True)
     settings = recipe.stage(stage.name)
     started = time.time()
-    ctx = StageContext(stage.name, recipe, settings, tmp, run_dir, upstream, log)
-    try:
-        result = as_result(function(ctx))
-        for name, rel in result.outputs.items():
-            if not (tmp / rel).exists():
-                raise RepqError(f"stage {stage.name} declared output {name}={rel} but did not write it: "
-                                "this is a bug in the stage, please report it")
-        wall = time.time() - started
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "stage": stage.name,
-            "key": key,
-            "settings": settings.model_dump(mode="json"),
-            "inputs": {
-                "model": recipe.model.model_dump(mode="json"),
-                "data": {**recipe.data.model_dump(mode="json"), "fingerprint": data_print},
-                "seed": recipe.seed,
-                "upstream": {n: {"key": r.key, "files": r.files} for n, r in upstream.items()},
-            },
-            "outputs": result.outputs,
-            "files": hash_folder_files(tmp),
-            "metrics": result.metrics,
-            "wall_s": round(wall, 3),
-            "started": _iso(started),
-            "finished": _iso(time.time()),
-            "versions": versions(),
-        }
-        atomic_write_json(tmp / MANIFEST, manifest)
-        _commit(tmp, run_dir / stage.name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    ctx = StageContext(stage.name, recipe, settings, tmp, run_dir, upstream, log, resume=resume)
+    result = as_result(function(ctx))
+    for name, rel in result.outputs.items():
+        if not (tmp / rel).exists():
+            raise RepqError(f"stage {stage.name} declared output {name}={rel} but did not write it: "
+                            "this is a bug in the stage, please report it")
+    wall = time.time() - started
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "stage": stage.name,
+        "key": key,
+        "settings": settings.model_dump(mode="json"),
+        "inputs": {
+            "model": recipe.model.model_dump(mode="json"),
+            "data": {**recipe.data.model_dump(mode="json"), "fingerprint": data_print},
+            "seed": recipe.seed,
+            "upstream": {n: {"key": r.key, "files": r.files} for n, r in upstream.items()},
+        },
+        "outputs": result.outputs,
+        "files": hash_folder_files(tmp),
+        "metrics": result.metrics,
+        "wall_s": round(wall, 3),
+        "started": _iso(started),
+        "finished": _iso(time.time()),
+        "versions": versions(),
+    }
+    atomic_write_json(tmp / MANIFEST, manifest)
+    _commit(tmp, run_dir / stage.name)
     log(f"{stage.name}: done in {wall:.1f} s")
     record, why = read_record(run_dir / stage.name, verify=False)
     assert record is not None, why
@@ -307,7 +317,8 @@ def _commit(tmp: Path, final: Path) -> None:
     """Swap the finished temp folder into place; a crash in between leaves no folder, never half of one."""
     trash = None
     if final.exists():
-        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
+        trash = final.with_name(f".trash-{final.name}")
+        shutil.rmtree(trash, ignore_errors=True)
         os.rename(final, trash)
     os.rename(tmp, final)
     fd = os.open(final.parent, os.O_RDONLY)

@@ -57,6 +57,9 @@ class StageContext:
     run_dir: Path
     upstream: dict[str, StageRecord]  # finished stages this one reads, in pipeline order
     log: Callable[[str], None] = print
+    # True when ``dir`` holds what an interrupted attempt at this same key left (e.g. last.pt): the stage may
+    # continue from it. Nothing in it was verified; a stage that cannot resume should start over.
+    resume: bool = False
 
     def path(self, relative: str) -> Path:
         """A path inside the stage's folder, its parent created."""

@@ -41,7 +41,9 @@ TOY = textwrap.dedent('''
         return {"outputs": {"checkpoint": "model.txt"}, "metrics": {"epochs": ctx.settings.epochs}}
 
     def ptq(ctx):
-        _note("ptq")
+        _note("ptq-resumed" if ctx.resume else "ptq")
+        if ctx.resume:  # what the interrupted attempt left is handed back, unverified
+            assert (ctx.dir / "half.bin").read_bytes() == b"x" * 1000
         marker = os.environ.get("TOY_SLOW_MARKER")
         if marker:  # the kill test: say "I am mid-stage", half-write an output, then hang
             ctx.path("half.bin").write_bytes(b"x" * 1000)
@@ -153,16 +155,19 @@ def test_failing_stage_keeps_earlier_stages_and_leaves_no_folder(toy, monkeypatc
     monkeypatch.setattr(toy_stages, "ptq", broken)
     with pytest.raises(RuntimeError, match="boom"):
         run("stages.ptq.calib_size=1")
-    assert not list(run_dir.glob(".tmp-*"))
     assert read_record(run_dir / "train")[0] is not None
-    # The old ptq folder (calib 512) is kept intact until a new one is finished.
+    # The old ptq folder (calib 512) is kept intact until a new one is finished; the failed attempt is kept
+    # aside for a resume and never taken for a finished stage.
     assert read_record(run_dir / "ptq")[0] is not None
-    monkeypatch.undo()
+    assert [p.name.split("-")[1] for p in run_dir.glob(".tmp-*")] == ["ptq"]
+    assert run() == []
+    assert not list(run_dir.glob(".tmp-*"))  # a run that no longer asks for that attempt removes it
 
 
 def test_sigkill_mid_stage_then_rerun_loses_nothing(toy, tmp_path):
     run, run_dir = toy
     assert run() == ["train", "ptq", "export"]
+
     def finished_files():
         return {p.relative_to(run_dir): sha256_file(p) for p in run_dir.rglob("*")
                 if p.is_file() and not p.relative_to(run_dir).parts[0].startswith(".")}
@@ -180,12 +185,13 @@ def test_sigkill_mid_stage_then_rerun_loses_nothing(toy, tmp_path):
         register("ptq", "toy_stages:ptq", needs=("train",), registry=registry)
         register("export", "toy_stages:export", needs=("ptq",), registry=registry)
         force = sys.argv[1:] == ["force"]
-        run_pipeline(load_recipe(None, {OFF!r} + ([] if force else sys.argv[1:])), {str(run_dir)!r},
+        overrides = ["stages.ptq.calib_size=32"] if force else sys.argv[1:]
+        run_pipeline(load_recipe(None, {OFF!r} + overrides), {str(run_dir)!r},
                      registry=registry, from_stage="ptq" if force else None)
     ''')
     env = {**os.environ, "TOY_SLOW_MARKER": str(marker)}
-    # Killed once while rerunning ptq for a changed setting, once while forcing it with --from.
-    for args in (["stages.ptq.calib_size=32"], ["force"]):
+
+    def start_and_kill(*args):
         proc = subprocess.Popen([sys.executable, "-c", script, *args], env=env, cwd=tmp_path)
         deadline = time.time() + 120
         while not marker.exists():
@@ -195,19 +201,24 @@ def test_sigkill_mid_stage_then_rerun_loses_nothing(toy, tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         marker.unlink()
+        (tmp_path / "journal.txt").unlink()  # what the killed run noted
         assert list(run_dir.glob(".tmp-ptq-*")), "the killed stage should be writing into a temp folder"
         after = finished_files()
         changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
         assert changed <= {Path("recipe.yaml")}, f"finished files changed by a killed run: {changed}"
         assert sorted(read_run(run_dir)) == ["export", "ptq", "train"]
-    toy_journal = run_dir.parent / "journal.txt"
-    toy_journal.unlink(missing_ok=True)
-    # Rerun: the unchanged recipe is entirely cached (the forced run was killed, the old folders are intact).
-    assert run() == []
-    # The changed setting whose run was killed: only the stages from ptq on run, and leftovers are removed.
-    assert run("stages.ptq.calib_size=32") == ["ptq", "export"]
-    assert not list(run_dir.glob(".tmp-*")) and not list(run_dir.glob(".trash-*"))
+
+    # Killed while rerunning ptq for a changed setting: the rerun resumes that attempt.
+    start_and_kill("stages.ptq.calib_size=32")
+    assert run("stages.ptq.calib_size=32") == ["ptq-resumed", "export"]
     assert (run_dir / "export" / "model.onnx.txt").read_text() == "model epochs=2 | calib=32 | onnx"
+    before = finished_files()
+    # Killed while forcing ptq again with --from: the finished ptq folder is untouched, so a plain rerun is
+    # entirely cached, and the attempt nobody asks for any more is removed.
+    start_and_kill("force")
+    assert run("stages.ptq.calib_size=32") == []
+    assert not list(run_dir.glob(".tmp-*")) and not list(run_dir.glob(".trash-*"))
+    assert before == finished_files()
 
 
 def test_concurrent_run_on_same_folder_is_refused(toy):
