@@ -88,9 +88,18 @@ def data_fingerprint(recipe: Recipe) -> dict[str, str]:
             prints[label] = f"folder:{digest.hexdigest()}"
         elif path.is_file():
             prints[label] = f"file:{sha256_file(path)}"
+        elif source == "digits":  # scikit-learn's bundled copy: its version identifies the data
+            prints[label] = f"digits:scikit-learn-{_version('scikit-learn')}"
         else:
-            prints[label] = f"name:{source}"  # a built-in data set ('digits'): its package version covers it
+            prints[label] = f"missing:{source}"  # the stage that reads it names the problem
     return prints
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
 
 
 def versions() -> dict[str, str]:

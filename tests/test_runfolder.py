@@ -227,3 +227,15 @@ def test_concurrent_run_on_same_folder_is_refused(toy):
 
     with run_lock(run_dir), pytest.raises(RepqError, match="in use"):
         run()
+
+
+def test_changed_data_folder_reruns_everything(toy, tmp_path):
+    run, _ = toy
+    data = tmp_path / "images"
+    for name in ("a", "b"):
+        (data / name).mkdir(parents=True)
+        (data / name / "0.png").write_bytes(b"png")
+    assert run(f"data.source={data}") == ["train", "ptq", "export"]
+    assert run(f"data.source={data}") == []
+    (data / "b" / "1.png").write_bytes(b"another image")
+    assert run(f"data.source={data}") == ["train", "ptq", "export"]
