@@ -199,3 +199,42 @@ def test_eval_bad_inputs_are_one_line(classifier, tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(RepqError, match="not an artifact repq eval knows"):
         call("eval", [str(tmp_path / "x.txt"), "--data", "digits"])
+
+
+def test_eval_super_resolution_psnr_matches_a_direct_computation(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from PIL import Image
+
+    from reparam import create_model
+    from reparam.io import atomic_save
+
+    # A deploy-form ECBSR whose last conv is zero outputs the nearest-neighbour upscale of its input (its
+    # residual path), a model whose PSNR this test can compute by itself.
+    model = create_model("ecbsr_m4c8", scale=2, deploy=True).eval()
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+    checkpoint = tmp_path / "sr.pt"
+    atomic_save({"arch": model.repq_arch, "state_dict": model.state_dict()}, checkpoint)
+    rng = np.random.default_rng(0)
+    expected = []
+    (tmp_path / "images").mkdir()
+    for i, (h, w) in enumerate(((24, 20), (17, 31))):
+        ramp = np.linspace(0, 255, w)[None, :, None] * rng.uniform(0.3, 1.0, 3)
+        pixels = np.clip(ramp + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+        high = Image.fromarray(pixels).crop((0, 0, w // 2 * 2, h // 2 * 2))
+        low = high.resize((w // 2, h // 2), Image.BICUBIC)
+
+        def luma(image):
+            rgb = np.asarray(image, dtype=np.float64) / 255
+            return (16 + 65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255
+
+        upscaled = np.repeat(np.repeat(luma(low), 2, axis=0), 2, axis=1)
+        diff = (np.clip(upscaled, 0, 1) - luma(high))[2:-2, 2:-2]
+        expected.append(10 * np.log10(1 / np.mean(diff ** 2)))
+    assert call("eval", [str(checkpoint), "--data", str(tmp_path / "images"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["task"] == "super_resolution" and result["scale"] == 2 and result["images"] == 2
+    assert result["psnr"] == pytest.approx(np.mean(expected), abs=1e-3)

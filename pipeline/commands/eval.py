@@ -11,6 +11,11 @@ evaluates its deploy form), an ONNX file (.onnx) or a TensorRT engine (.engine/.
 Class folders are matched to the model's classes by name when the artifact records them. Preprocessing
 (input size, mean, std) comes from the artifact's record (a checkpoint's `data`, an ONNX file's `repq.data`
 metadata) or from --preset. --json prints one JSON object; `top1` and `top5` are in percent.
+
+A super-resolution model (ECBSR; or an artifact whose record says task super_resolution) is scored by PSNR
+on a flat folder of images instead: each image is cropped to a multiple of the scale, downscaled bicubically
+(PIL) to make the input, and the output is compared with it on the Y channel (BT.601, values in [0, 1]) with
+`scale` border pixels cropped, as in the super-resolution literature. The model reads and writes Y in [0, 1].
 """
 
 from __future__ import annotations
@@ -40,14 +45,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="evaluation batch (default: 128)")
     parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the runtime")
+    parser.add_argument("--scale", type=int, choices=(2, 3, 4),
+                        help="super-resolution factor when the artifact does not record it")
 
 
 def run(args: argparse.Namespace) -> int:
     result = evaluate_artifact(args.artifact, args.data, preset=args.preset, engine=args.engine,
                                fuse=args.fuse, batch_size=args.batch_size, workers=args.workers,
-                               threads=args.threads)
+                               threads=args.threads, scale=args.scale)
     if args.json:
         print(json.dumps(result, sort_keys=True))
+    elif "psnr" in result:
+        print(f"{result['artifact']} ({result['runtime']}) on {result['data']}: PSNR {result['psnr']:.2f} dB "
+              f"(Y, x{result['scale']}) over {result['images']} images")
     else:
         top5 = f", top-5 {result['top5']:.2f}%" if "top5" in result else ""
         print(f"{result['artifact']} ({result['runtime']}) on {result['data']}: "
@@ -57,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate_artifact(artifact: str | Path, data: str, *, preset: str | None = None,
                       engine: str = "onnxruntime", fuse: bool = False, batch_size: int = 128,
-                      workers: int = 0, threads: int | None = None) -> dict[str, Any]:
+                      workers: int = 0, threads: int | None = None, scale: int | None = None) -> dict[str, Any]:
     path = Path(artifact)
     if not path.is_file():
         raise RepqError(f"artifact {path} does not exist: pass a .pt checkpoint, an .onnx file or an engine")
@@ -71,6 +81,13 @@ def evaluate_artifact(artifact: str | Path, data: str, *, preset: str | None = N
     else:
         raise RepqError(f"{path} is not an artifact repq eval knows (.pt, .onnx, .engine, .plan): "
                         "pass a checkpoint, an ONNX file or a TensorRT engine")
+    if record.get("task") == "super_resolution":
+        scale = scale or record.get("scale")
+        if scale is None:
+            raise RepqError(f"{path} records no super-resolution scale: pass --scale 2, 3 or 4")
+        psnr, count = psnr_on_folder(predict, data, int(scale))
+        return {"artifact": str(path), "runtime": runtime, "data": str(data), "task": "super_resolution",
+                "scale": int(scale), "images": count, "psnr": round(psnr, 4)}
     preset_name = preset or record.get("preset")
     if preset_name is None:
         raise RepqError(f"{path} records no preprocessing: pass --preset {'|'.join(PRESET_CHOICES)} "
@@ -104,6 +121,10 @@ def _torch_model(path: Path, fuse: bool, threads: int | None):
             return model(torch.from_numpy(images)).float().numpy()
 
     record = dict(checkpoint.get("data") or {})
+    arch = checkpoint.get("arch") or {}
+    if str(arch.get("name", "")).startswith("ecbsr"):
+        record.setdefault("task", "super_resolution")
+        record.setdefault("scale", arch.get("kwargs", {}).get("scale", 2))
     return predict, record, "pytorch (fused)" if fuse else "pytorch"
 
 
@@ -205,3 +226,58 @@ def _numpy(loader):
         if not np.isfinite(images).all():
             raise RepqError("an evaluation batch holds NaN or inf values: check the images and the preset")
         yield images, labels.numpy()
+
+
+# ---------------------------------------------------------------- super-resolution
+
+
+def rgb_to_y(rgb):
+    """BT.601 luma of RGB in [0, 1] (H, W, 3), in [0, 1]: the Y channel SR papers report PSNR on."""
+    return (16.0 + 65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255.0
+
+
+def sr_pair(path: Path, scale: int):
+    """(low-resolution Y, high-resolution Y) of one image, both float32 in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    from calibration.datasets import decode_image
+
+    image = decode_image(path)
+    width, height = (image.width // scale) * scale, (image.height // scale) * scale
+    if width < 2 * scale or height < 2 * scale:
+        raise RepqError(f"image {path} is too small for x{scale} super-resolution: remove it from the folder")
+    high = image.crop((0, 0, width, height))
+    low = high.resize((width // scale, height // scale), Image.BICUBIC)
+    as_y = lambda im: rgb_to_y(np.asarray(im, dtype=np.float32) / 255.0).astype(np.float32)  # noqa: E731
+    return as_y(low), as_y(high)
+
+
+def psnr(prediction, target, border: int) -> float:
+    import numpy as np
+
+    if border:
+        prediction, target = prediction[border:-border, border:-border], target[border:-border, border:-border]
+    mse = float(np.mean((np.clip(prediction, 0, 1).astype(np.float64) - target) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+
+
+def psnr_on_folder(predict, data: str, scale: int) -> tuple[float, int]:
+    """Mean PSNR (dB) of ``predict`` (N,1,h,w Y -> N,1,h*s,w*s) over a flat folder of images."""
+    from calibration.datasets import IMAGE_SUFFIXES
+
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise RepqError(f"image folder {root} does not exist: pass a folder of images (e.g. Set5)")
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise RepqError(f"{root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}): pass a folder of images")
+    scores = []
+    for path in files:
+        low, high = sr_pair(path, scale)
+        output = predict(low[None, None])
+        if output.shape[-2:] != high.shape:
+            raise RepqError(f"the model turned a {low.shape} input into {output.shape[-2:]}, not {high.shape}: "
+                            f"is it a x{scale} super-resolution model? pass the right --scale")
+        scores.append(psnr(output[0, 0], high, border=scale))
+    return sum(scores) / len(scores), len(scores)
