@@ -20,6 +20,7 @@ set, so a long training stage can continue from its last checkpoint instead of s
 from __future__ import annotations
 
 import contextlib
+import datetime
 import datetime as _dt
 import fcntl
 import hashlib
@@ -27,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -244,41 +246,132 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, from_stage: str | None = N
         raise RepqError(f"--from {from_stage}: that stage is switched off in this recipe; enable it with "
                         f"stages.{from_stage}.enabled=true or pick one of {', '.join(enabled_names)}")
     summary = RunSummary(run_dir, disabled=disabled)
-    with run_lock(run_dir):
-        clean_leftovers(run_dir, log, ".trash-*")
-        atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
-        data_print = data_fingerprint(recipe)
-        forced = False
-        for stage in stages:
-            forced = forced or stage.name == from_stage
-            upstream = {n: summary.records[n] for n in stage.upstream_names() if n in summary.records}
-            key = stage_key(stage.name, recipe, data_print, upstream)
-            existing, why = read_record(run_dir / stage.name)
-            if existing is not None and existing.key == key and not forced:
-                log(f"{stage.name}: cached - skipping (key {key[:12]})")
-                summary.records[stage.name] = existing
-                summary.cached.append(stage.name)
-                continue
-            if forced:
-                reason = f"forced by --from {from_stage}"
-            elif existing is not None:
-                reason = "settings or inputs changed"
-            else:
-                reason = why
-            log(f"{stage.name}: running ({reason})")
-            summary.records[stage.name] = _run_stage(stage, recipe, run_dir, key, data_print, upstream, log,
-                                                     fresh=forced)
-            summary.ran.append(stage.name)
-        clean_leftovers(run_dir, log, ".tmp-*")  # attempts at keys this recipe no longer asks for
-        if recipe.stages.report.enabled:
-            if render_report is None:
-                from engines.report import render_run_report as render_report
-            render_report(run_dir, recipe)
+    world = World.join()
+    try:
+        if world.rank == 0:
+            with run_lock(run_dir):
+                _lead(recipe, run_dir, stages, from_stage, summary, world, log)
+                if recipe.stages.report.enabled:
+                    if render_report is None:
+                        from engines.report import render_run_report as render_report
+                    render_report(run_dir, recipe)
+        else:
+            _follow(recipe, run_dir, stages, summary, world)
+        world.barrier()
+    finally:
+        world.close()
     return summary
 
 
+def _lead(recipe: Recipe, run_dir: Path, stages: list[Stage], from_stage: str | None, summary: RunSummary,
+          world: World, log: Callable[[str], None]) -> None:
+    """Rank 0 (or the only process): decides, runs, commits; other ranks hear each decision."""
+    clean_leftovers(run_dir, log, ".trash-*")
+    atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+    data_print = data_fingerprint(recipe)
+    forced = False
+    for stage in stages:
+        forced = forced or stage.name == from_stage
+        upstream = {n: summary.records[n] for n in stage.upstream_names() if n in summary.records}
+        key = stage_key(stage.name, recipe, data_print, upstream)
+        existing, why = read_record(run_dir / stage.name)
+        cached = existing is not None and existing.key == key and not forced
+        world.broadcast({"stage": stage.name, "run": not cached})
+        if cached:
+            log(f"{stage.name}: cached - skipping (key {key[:12]})")
+            summary.records[stage.name] = existing
+            summary.cached.append(stage.name)
+            continue
+        if forced:
+            reason = f"forced by --from {from_stage}"
+        elif existing is not None:
+            reason = "settings or inputs changed"
+        else:
+            reason = why
+        log(f"{stage.name}: running ({reason})")
+        summary.records[stage.name] = _run_stage(stage, recipe, run_dir, key, data_print, upstream, log,
+                                                 fresh=forced, world=world)
+        world.barrier()  # the stage folder is in place: the other ranks may read it
+        summary.ran.append(stage.name)
+    clean_leftovers(run_dir, log, ".tmp-*")  # attempts at keys this recipe no longer asks for
+
+
+def _follow(recipe: Recipe, run_dir: Path, stages: list[Stage], summary: RunSummary, world: World) -> None:
+    """Ranks > 0 under torchrun: join the distributed stages (training), write nothing into the run folder."""
+    for stage in stages:
+        decision = world.broadcast(None)
+        if decision["stage"] != stage.name:
+            raise RepqError(f"rank {world.rank} expected stage {stage.name}, rank 0 is at {decision['stage']}: "
+                            "start every rank with the same recipe and overrides")
+        if decision["run"]:
+            if stage.distributed:
+                upstream = {n: summary.records[n] for n in stage.upstream_names() if n in summary.records}
+                scratch = Path(tempfile.mkdtemp(prefix=f"repq-{stage.name}-rank{world.rank}-"))
+                try:
+                    ctx = StageContext(stage.name, recipe, recipe.stage(stage.name), scratch, run_dir, upstream,
+                                       lambda _line: None, rank=world.rank, world_size=world.size)
+                    stage.function()(ctx)
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
+            world.barrier()
+        record, why = read_record(run_dir / stage.name, verify=False)
+        if record is None:
+            raise RepqError(f"rank {world.rank} cannot read stage {stage.name} ({why}): under torchrun on several "
+                            "nodes the run folder must be on a file system every node shares")
+        summary.records[stage.name] = record
+        (summary.ran if decision["run"] else summary.cached).append(stage.name)
+
+
+@dataclass
+class World:
+    """The ranks torchrun started (WORLD_SIZE/RANK), or a world of one; rank 0 owns the run folder."""
+
+    rank: int = 0
+    size: int = 1
+    owns_group: bool = False
+
+    @classmethod
+    def join(cls) -> World:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size == 1:
+            return cls()
+        import torch
+        import torch.distributed as dist
+
+        owns = False
+        if not dist.is_initialized():
+            # gloo for the runner's own messages; NCCL for CUDA tensors, which training all-reduces.
+            # A day's timeout: ranks > 0 wait in a barrier while rank 0 alone runs a long stage (PTQ, export).
+            dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                                    timeout=datetime.timedelta(hours=24))
+            owns = True
+        return cls(dist.get_rank(), dist.get_world_size(), owns)
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
 def _run_stage(stage: Stage, recipe: Recipe, run_dir: Path, key: str, data_print: dict[str, str],
-               upstream: dict[str, StageRecord], log: Callable[[str], None], fresh: bool) -> StageRecord:
+               upstream: dict[str, StageRecord], log: Callable[[str], None], fresh: bool,
+               world: World | None = None) -> StageRecord:
     function = stage.function()
     tmp = attempt_dir(run_dir, stage.name, key)
     clean_leftovers(run_dir, log, f".tmp-{stage.name}-*", keep=None if fresh else tmp)
@@ -288,7 +381,9 @@ def _run_stage(stage: Stage, recipe: Recipe, run_dir: Path, key: str, data_print
     tmp.mkdir(parents=True, exist_ok=True)
     settings = recipe.stage(stage.name)
     started = time.time()
-    ctx = StageContext(stage.name, recipe, settings, tmp, run_dir, upstream, log, resume=resume)
+    world = world or World()
+    ctx = StageContext(stage.name, recipe, settings, tmp, run_dir, upstream, log, resume=resume,
+                       rank=world.rank, world_size=world.size)
     result = as_result(function(ctx))
     for name, rel in result.outputs.items():
         if not (tmp / rel).exists():

@@ -60,6 +60,10 @@ class StageContext:
     # True when ``dir`` holds what an interrupted attempt at this same key left (e.g. last.pt): the stage may
     # continue from it. Nothing in it was verified; a stage that cannot resume should start over.
     resume: bool = False
+    # Under torchrun a `distributed` stage runs on every rank; only rank 0's ``dir`` becomes the stage folder
+    # (the others get a scratch folder that is thrown away), so write artifacts on rank 0 only.
+    rank: int = 0
+    world_size: int = 1
 
     def path(self, relative: str) -> Path:
         """A path inside the stage's folder, its parent created."""
@@ -93,6 +97,7 @@ class Stage:
     name: str
     target: str | Callable[[StageContext], Any]  # "module:function" or the function itself
     needs: tuple[str, ...] | None = None  # stages whose outputs it reads; None: every earlier stage
+    distributed: bool = False  # runs on every torchrun rank (data-parallel training); else on rank 0 only
 
     def function(self) -> Callable[[StageContext], Any]:
         if callable(self.target):
@@ -116,10 +121,10 @@ REGISTRY: dict[str, Stage] = {}
 
 
 def register(name: str, target: str | Callable[[StageContext], Any], needs: tuple[str, ...] | None = None,
-             registry: dict[str, Stage] | None = None) -> Stage:
+             registry: dict[str, Stage] | None = None, distributed: bool = False) -> Stage:
     if name not in STAGE_ORDER:
         raise ValueError(f"stage {name!r} is not one of {STAGE_ORDER}")
-    stage = Stage(name, target, needs)
+    stage = Stage(name, target, needs, distributed)
     (REGISTRY if registry is None else registry)[name] = stage
     return stage
 

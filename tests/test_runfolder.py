@@ -239,3 +239,77 @@ def test_changed_data_folder_reruns_everything(toy, tmp_path):
     assert run(f"data.source={data}") == []
     (data / "b" / "1.png").write_bytes(b"another image")
     assert run(f"data.source={data}") == ["train", "ptq", "export"]
+
+
+DIST_TOY = textwrap.dedent('''
+    import os, sys
+    from pathlib import Path
+
+    def _note(ctx, name):
+        with open(Path(os.environ["TOY_JOURNAL"] + f".rank{ctx.rank}"), "a") as handle:
+            handle.write(f"{name}\\n")
+
+    def train(ctx):  # data-parallel: every rank takes part in an all-reduce, rank 0 writes
+        import torch
+        import torch.distributed as dist
+        _note(ctx, "train")
+        total = torch.tensor([float(ctx.rank + 1)])
+        dist.all_reduce(total)
+        if ctx.rank == 0:
+            ctx.path("model.txt").write_text(f"sum of ranks+1 = {int(total.item())} over {ctx.world_size}")
+        return {"outputs": {"checkpoint": "model.txt"}}
+
+    def ptq(ctx):  # rank 0 only
+        _note(ctx, "ptq")
+        ctx.path("q.txt").write_text(ctx.input("train", "checkpoint").read_text() + " | quantized")
+        return {"outputs": {"quantized": "q.txt"}}
+''')
+
+
+def test_torchrun_ranks_share_one_run_folder(tmp_path):
+    """Two ranks as torchrun starts them: the training stage runs on both, the rest on rank 0 only."""
+    import socket
+
+    (tmp_path / "dist_toy.py").write_text(DIST_TOY)
+    script = textwrap.dedent(f'''
+        import sys
+        sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT)!r}]
+        from pipeline.recipe import load_recipe
+        from pipeline.runfolder import run_pipeline
+        from pipeline.stages import register
+        registry = {{}}
+        register("train", "dist_toy:train", needs=(), registry=registry, distributed=True)
+        register("ptq", "dist_toy:ptq", needs=("train",), registry=registry)
+        off = ["stages.{{}}.enabled=false".format(s) for s in ("substitute", "qat", "repq", "export", "engine",
+                                                             "bench", "report")]
+        summary = run_pipeline(load_recipe(None, off), {str(tmp_path / "run")!r}, registry=registry,
+                               log=lambda line: None)
+        print("ran", summary.ran, "cached", summary.cached)
+    ''')
+
+    def launch():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        procs = []
+        for rank in (0, 1):
+            env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TOY_JOURNAL": str(tmp_path / "j")}
+            procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=240) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+        journals = {}
+        for rank in (0, 1):
+            path = tmp_path / f"j.rank{rank}"
+            journals[rank] = path.read_text().split() if path.exists() else []
+            path.unlink(missing_ok=True)
+        return [o[0].strip() for o in outs], journals
+
+    outs, journals = launch()
+    assert journals == {0: ["train", "ptq"], 1: ["train"]}
+    assert outs[0] == outs[1] == "ran ['train', 'ptq'] cached []"
+    assert (tmp_path / "run" / "ptq" / "q.txt").read_text() == "sum of ranks+1 = 3 over 2 | quantized"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "ptq", "recipe.yaml", "train"]
+    outs, journals = launch()
+    assert journals == {0: [], 1: []} and outs[0] == outs[1] == "ran [] cached ['train', 'ptq']"
