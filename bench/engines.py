@@ -51,9 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     p.add_argument("--runs", type=int, default=20, help="timed runs per engine, batch and round")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument(
-        "--baseline", action="store_true", help="also time ORT quantize_static (uint8 activations)"
-    )
+    p.add_argument("--baseline", action="store_true", help="also time ORT quantize_static (uint8 activations)")
     p.add_argument("--skip", nargs="*", default=[], help="engine names to leave out")
     p.add_argument("--out", default="runs/bench-engines", help="folder for the ONNX files, engines and JSON")
     return p.parse_args(argv)
@@ -100,9 +98,7 @@ def bench_images(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     if not args.checkpoint:
         calib, _ = image_batches(Path(args.data), args.calib_images, args.image_size)
-        images, labels = image_batches(
-            Path(args.data), args.eval_images, args.image_size, offset=args.calib_images
-        )
+        images, labels = image_batches(Path(args.data), args.eval_images, args.image_size, offset=args.calib_images)
         return calib, images, labels
     from calibration.datasets import load_data
     from calibration.loaders import calibration_set
@@ -242,9 +238,7 @@ def cpu_engines(files: dict, threads: int, size: int, runs: int, warmup: int) ->
     return benches
 
 
-def gpu_engines(
-    files: dict, fused: torch.nn.Module, out: Path, batches, runs: int, warmup: int
-) -> list[Bench]:
+def gpu_engines(files: dict, fused: torch.nn.Module, out: Path, batches, runs: int, warmup: int) -> list[Bench]:
     from engines import tensorrt as trt
     from engines.torch_cuda import TorchCudaEngine, cuda_unavailable_reason
 
@@ -337,9 +331,7 @@ def main(argv=None) -> int:
 
     model = load_model(args)
     fused = fuse_model(model).eval()
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(calib, torch.zeros(len(calib))), batch_size=16
-    )
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(calib, torch.zeros(len(calib))), batch_size=16)
     start = time.perf_counter()
     quantized = quantize(model, loader, method="max")
     files = {"size": size, "fp32": export_fp32(fused, out / "fp32.onnx", size)}
@@ -389,9 +381,7 @@ def main(argv=None) -> int:
         }
         for batch in batches:
             s = stats[(bench.name, batch)]
-            entry["latency"][str(batch)] = s.as_dict() | {
-                "speedup_vs_ort_fp32": speedup(stats[("ort-fp32", batch)], s)
-            }
+            entry["latency"][str(batch)] = s.as_dict() | {"speedup_vs_ort_fp32": speedup(stats[("ort-fp32", batch)], s)}
         report["engines"][bench.name] = entry
     report["goal"] = goal_check(report)
     print(render_table(report))
@@ -419,7 +409,7 @@ def goal_check(report: dict) -> dict:
 
 
 def render_table(report: dict) -> str:
-    head = ("engine", "batch", "median ms", "p90 ms", "p99 ms", "FPS", "x ORT FP32", "agree FP32", "agree FQ")
+    head = ("engine", "batch", "median ms", "p90 ms", "p99 ms", "FPS", "x ORT FP32", "agree FP32", "agree FQ", "top-1")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for name, entry in report["engines"].items():
         acc = entry["accuracy"]
@@ -437,6 +427,7 @@ def render_table(report: dict) -> str:
                         f"{s['speedup_vs_ort_fp32']:.2f}x",
                         f"{acc['agree_fp32_top1']:.1f}%",
                         "-" if fq is None else f"{fq:.1f}%",
+                        f"{acc['top1']:.2f}%" if "top1" in acc else "-",
                     ]
                 )
             )
