@@ -16,9 +16,10 @@ Placements
   placement quantizes every conv/Add output as well (reusing the consumer's calibrated range where one
   exists, the conv's recorded output range otherwise), stores int8 weights and int32 biases, and lets every
   consumer of a quantized tensor read the DQ output, which lets ORT fuse QLinearConv, QGemm and QLinearAdd.
-  A tensor produced by ReLU is quantized as uint8 with zero point 0 and scale amax/255: for a non-negative
-  tensor that is the same range [0, amax] the int8 quantizer represents, with twice the resolution, and ORT
-  then drops the ReLU into the QLinearConv (its ReluQuantFusion needs a zero point at the type's minimum).
+  A tensor produced by ReLU is quantized as uint8 with zero point 0 and the same scale amax/127: for a
+  non-negative tensor that is the same grid as TensorRT's int8 (which only ever uses its codes 0..127 there),
+  so it carries the same information, and ORT then drops the ReLU into the QLinearConv (its ReluQuantFusion
+  needs a zero point at the type's minimum). Values above amax saturate at 255 * scale instead of amax.
   Symmetric int8 activations are TensorRT's constraint, not ORT's, so this is legitimate for the ORT file
   only.
 """
@@ -211,7 +212,7 @@ class QDQEditor:
         """Q/DQ of an activation (per tensor, zero point 0); one pair per (tensor, range, type)."""
         key = (tensor, float(amax), unsigned)
         if key not in self.qdq_cache:
-            levels, dtype = (255.0, np.uint8) if unsigned else (127.0, np.int8)
+            levels, dtype = 127.0, (np.uint8 if unsigned else np.int8)
             scale = self._const(f"{tensor}_scale", np.array(_safe(amax) / levels, dtype=np.float32))
             zero = self._const(f"{tensor}_zero", np.array(0, dtype=dtype))
             quant = self._node("QuantizeLinear", [tensor, scale, zero], tensor)
