@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -276,8 +275,8 @@ def _lead(recipe: Recipe, run_dir: Path, stages: list[Stage], from_stage: str | 
         key = stage_key(stage.name, recipe, data_print, upstream)
         existing, why = read_record(run_dir / stage.name)
         cached = existing is not None and existing.key == key and not forced
-        world.broadcast({"stage": stage.name, "run": not cached})
         if cached:
+            world.broadcast({"stage": stage.name, "run": False})
             log(f"{stage.name}: cached - skipping (key {key[:12]})")
             summary.records[stage.name] = existing
             summary.cached.append(stage.name)
@@ -289,8 +288,10 @@ def _lead(recipe: Recipe, run_dir: Path, stages: list[Stage], from_stage: str | 
         else:
             reason = why
         log(f"{stage.name}: running ({reason})")
+        tmp, resume = _prepare_attempt(run_dir, stage.name, key, fresh=forced, log=log)
+        world.broadcast({"stage": stage.name, "run": True, "dir": str(tmp), "resume": resume})
         summary.records[stage.name] = _run_stage(stage, recipe, run_dir, key, data_print, upstream, log,
-                                                 fresh=forced, world=world)
+                                                 tmp=tmp, resume=resume, world=world)
         world.barrier()  # the stage folder is in place: the other ranks may read it
         summary.ran.append(stage.name)
     clean_leftovers(run_dir, log, ".tmp-*")  # attempts at keys this recipe no longer asks for
@@ -305,14 +306,12 @@ def _follow(recipe: Recipe, run_dir: Path, stages: list[Stage], summary: RunSumm
                             "start every rank with the same recipe and overrides")
         if decision["run"]:
             if stage.distributed:
+                # Rank 0's attempt folder, to read from (a resume's last.pt); only rank 0 writes into it.
                 upstream = {n: summary.records[n] for n in stage.upstream_names() if n in summary.records}
-                scratch = Path(tempfile.mkdtemp(prefix=f"repq-{stage.name}-rank{world.rank}-"))
-                try:
-                    ctx = StageContext(stage.name, recipe, recipe.stage(stage.name), scratch, run_dir, upstream,
-                                       lambda _line: None, rank=world.rank, world_size=world.size)
-                    stage.function()(ctx)
-                finally:
-                    shutil.rmtree(scratch, ignore_errors=True)
+                ctx = StageContext(stage.name, recipe, recipe.stage(stage.name), Path(decision["dir"]), run_dir,
+                                   upstream, lambda _line: None, resume=decision["resume"], rank=world.rank,
+                                   world_size=world.size)
+                stage.function()(ctx)
             world.barrier()
         record, why = read_record(run_dir / stage.name, verify=False)
         if record is None:
@@ -369,19 +368,24 @@ class World:
             dist.destroy_process_group()
 
 
-def _run_stage(stage: Stage, recipe: Recipe, run_dir: Path, key: str, data_print: dict[str, str],
-               upstream: dict[str, StageRecord], log: Callable[[str], None], fresh: bool,
-               world: World | None = None) -> StageRecord:
-    function = stage.function()
-    tmp = attempt_dir(run_dir, stage.name, key)
-    clean_leftovers(run_dir, log, f".tmp-{stage.name}-*", keep=None if fresh else tmp)
+def _prepare_attempt(run_dir: Path, stage: str, key: str, fresh: bool,
+                     log: Callable[[str], None]) -> tuple[Path, bool]:
+    """The stage's temp folder for this key, and whether it holds an interrupted attempt to resume."""
+    tmp = attempt_dir(run_dir, stage, key)
+    clean_leftovers(run_dir, log, f".tmp-{stage}-*", keep=None if fresh else tmp)
     resume = tmp.is_dir()
     if resume:
-        log(f"{stage.name}: resuming the attempt an interrupted run left in {tmp.name}")
+        log(f"{stage}: resuming the attempt an interrupted run left in {tmp.name}")
     tmp.mkdir(parents=True, exist_ok=True)
+    return tmp, resume
+
+
+def _run_stage(stage: Stage, recipe: Recipe, run_dir: Path, key: str, data_print: dict[str, str],
+               upstream: dict[str, StageRecord], log: Callable[[str], None], tmp: Path, resume: bool,
+               world: World) -> StageRecord:
+    function = stage.function()
     settings = recipe.stage(stage.name)
     started = time.time()
-    world = world or World()
     ctx = StageContext(stage.name, recipe, settings, tmp, run_dir, upstream, log, resume=resume,
                        rank=world.rank, world_size=world.size)
     result = as_result(function(ctx))

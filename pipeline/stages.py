@@ -60,8 +60,8 @@ class StageContext:
     # True when ``dir`` holds what an interrupted attempt at this same key left (e.g. last.pt): the stage may
     # continue from it. Nothing in it was verified; a stage that cannot resume should start over.
     resume: bool = False
-    # Under torchrun a `distributed` stage runs on every rank; only rank 0's ``dir`` becomes the stage folder
-    # (the others get a scratch folder that is thrown away), so write artifacts on rank 0 only.
+    # Under torchrun a `distributed` stage runs on every rank with the same ``dir`` (to read a resume from);
+    # only rank 0 may write into it.
     rank: int = 0
     world_size: int = 1
 

@@ -252,7 +252,7 @@ DIST_TOY = textwrap.dedent('''
     def train(ctx):  # data-parallel: every rank takes part in an all-reduce, rank 0 writes
         import torch
         import torch.distributed as dist
-        _note(ctx, "train")
+        _note(ctx, "train:" + ctx.dir.name)  # every rank sees rank 0's attempt folder
         total = torch.tensor([float(ctx.rank + 1)])
         dist.all_reduce(total)
         if ctx.rank == 0:
@@ -307,7 +307,8 @@ def test_torchrun_ranks_share_one_run_folder(tmp_path):
         return [o[0].strip() for o in outs], journals
 
     outs, journals = launch()
-    assert journals == {0: ["train", "ptq"], 1: ["train"]}
+    assert journals[0][1:] == ["ptq"] and journals[1] == journals[0][:1]
+    assert journals[0][0].startswith("train:.tmp-train-")
     assert outs[0] == outs[1] == "ran ['train', 'ptq'] cached []"
     assert (tmp_path / "run" / "ptq" / "q.txt").read_text() == "sum of ranks+1 = 3 over 2 | quantized"
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "ptq", "recipe.yaml", "train"]

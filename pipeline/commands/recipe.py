@@ -15,7 +15,7 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__
-    parser.add_argument("items", nargs="*", metavar="[RECIPE] [KEY=VALUE ...]",
+    parser.add_argument("items", nargs="*", metavar="RECIPE|KEY=VALUE",
                         help="a recipe YAML (default: the embedded default), then overrides")
     parser.add_argument("--show", action="store_true", help="print the resolved recipe as YAML")
 

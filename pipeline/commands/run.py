@@ -23,7 +23,7 @@ from reparam.errors import RepqError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__
-    parser.add_argument("items", nargs="*", metavar="[RECIPE] [KEY=VALUE ...]",
+    parser.add_argument("items", nargs="*", metavar="RECIPE|KEY=VALUE",
                         help="a recipe YAML (default: the embedded default), then overrides such as "
                              "stages.train.epochs=3 (see `repq recipe --show`)")
     parser.add_argument("--out", metavar="DIR", help="run folder (default: runs/<recipe name>/)")
