@@ -42,7 +42,6 @@ class ModelSpec(Strict):
     convert: str | None = Field(
         None, description="re-parametrize torchvision's `name` with convert_convs(model, <block>), e.g. 'acb'"
     )
-    num_classes: int | None = Field(None, ge=1, description="default: the number of classes in the data")
     width_mult: float | None = Field(None, gt=0, description="channel width multiplier (None: the model's)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments to create_model")
 
@@ -398,6 +397,12 @@ def train_settings(recipe: Recipe):
     """pipeline.train.TrainSettings for this recipe: the train stage's section plus model, data and seed."""
     from pipeline.train import TrainSettings as Full
 
+    if recipe.model.convert is not None:
+        raise RepqError(f"model.convert={recipe.model.convert} (re-parametrizing a torchvision CNN) is not wired "
+                        "into training yet: use a zoo model such as resnet18_acb (`repq models`)")
+    if recipe.data.task != "classification":
+        raise RepqError(f"data.task={recipe.data.task}: the train stage trains classifiers only so far; "
+                        "use `repq eval` to score a super-resolution checkpoint")
     stage = recipe.stages.train.model_dump(exclude={"enabled"})
     return Full(**stage, model=recipe.model.name, width_mult=recipe.model.width_mult,
                 model_kwargs=recipe.model.kwargs, seed=recipe.seed, split_seed=recipe.data.split_seed,

@@ -113,3 +113,6 @@ def test_train_settings_combine_the_stage_with_model_data_and_seed():
     settings = train_settings(recipe)
     assert (settings.model, settings.width_mult, settings.seed, settings.preset, settings.epochs) == \
         ("repvgg_a0", 0.5, 5, "cifar", 2)
+
+    with pytest.raises(RepqError, match="model.convert=acb .* not wired"):
+        train_settings(load_recipe(None, ["model.convert=acb"]))
