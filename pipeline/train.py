@@ -238,7 +238,7 @@ def evaluate(model: nn.Module, loader, ctx: DistContext, channels_last: bool = F
     correct1 = correct5 = count = 0.0
     gap, scale, num_classes = 0.0, 0.0, 0
     for images, labels in loader:
-        images, labels = _to_device(images, labels, ctx.device, channels_last)
+        images, labels = _to_device(images, labels, ctx.device, channels_last, _dtype_of(model))
         logits = model(images).float()
         num_classes = logits.shape[1]
         top = logits.topk(min(5, num_classes), dim=1).indices
@@ -287,17 +287,21 @@ def _reduce_device(ctx: DistContext) -> torch.device:
     return ctx.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
 
 
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
 def _plain_copy(model: nn.Module) -> nn.Module:
     """A fresh model of the same arch with the same weights: plain BatchNorm2d, no DDP, on the same device."""
     from reparam import model_from_arch
 
     copy = model_from_arch(model.repq_arch)
     copy.load_state_dict(model.state_dict())
-    return copy.to(next(model.parameters()).device)
+    return copy.to(device=next(model.parameters()).device, dtype=_dtype_of(model))
 
 
-def _to_device(images, labels, device, channels_last):
-    images = images.to(device, non_blocking=True)
+def _to_device(images, labels, device, channels_last, dtype=torch.float32):
+    images = images.to(device, dtype=dtype, non_blocking=True)  # inputs follow the model's dtype
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(device, non_blocking=True)
@@ -425,7 +429,7 @@ def _train_epoch(net, model, loader, optimizer, scheduler, scaler, dtype, settin
         if step >= steps:
             break
         check_finite(images, f"epoch {epoch + 1}, batch {step}")
-        images, labels = _to_device(images, labels, ctx.device, channels_last)
+        images, labels = _to_device(images, labels, ctx.device, channels_last, _dtype_of(model))
         with torch.autocast(ctx.device.type, dtype=dtype) if dtype else nullcontext():
             logits = net(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.label_smoothing)
