@@ -4,6 +4,7 @@
     repq run recipes/cifar10_repq_8_4bit.yaml data.source=PATH/TO/cifar10
     repq run recipe.yaml stages.train.epochs=3 --out /tmp/try    # key=value overrides any recipe key
     repq run recipe.yaml --from ptq            # rerun ptq and every stage after it
+    torchrun --nproc_per_node 8 --no-python repq run recipe.yaml    # data-parallel training on 8 GPUs
 
 Each stage writes runs/<name>/<stage>/ with a manifest. Rerunning skips every stage whose settings and
 inputs are unchanged ("cached - skipping"); a changed setting reruns that stage and the ones after it. A run
@@ -13,6 +14,7 @@ killed at any moment loses nothing finished: run the same command again.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -52,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     recipe_path, overrides = split_items(args.items)
     recipe = load_recipe(recipe_path, overrides)
     run_dir = default_run_dir(recipe, args.out)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the run
+        run_pipeline(recipe, run_dir, from_stage=args.from_stage, log=lambda line: None)
+        return 0
     print(f"repq run: recipe {recipe_path or '(embedded default)'} -> {run_dir}", file=sys.stderr)
     summary = run_pipeline(recipe, run_dir, from_stage=args.from_stage,
                            log=lambda line: print(line, file=sys.stderr, flush=True))
