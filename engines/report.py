@@ -38,7 +38,8 @@ LADDER_STEPS: dict[str, str] = {
 SHORT_STEPS = {"train": "train-form", "fused": "fused", "fakequant": "fake-quant", "qdq_onnx": "QDQ ONNX",
                "engine": "engine"}
 METHOD_COLUMNS = (
-    ("method", "Method"), ("bits", "Bits"), ("engine", "Engine"), ("top1", "Top-1 %"), ("top5", "Top-5 %"),
+    ("method", "Method"), ("bits", "Bits"), ("engine", "Engine"), ("batch_size", "Batch"), ("top1", "Top-1 %"),
+    ("top5", "Top-5 %"),
     ("int8_drop", "Drop vs FP32 (pts)"), ("latency_ms", "Latency (ms)"), ("throughput", "Throughput (img/s)"),
     ("size_mb", "Size (MB)"),
 )
