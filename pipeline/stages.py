@@ -139,7 +139,9 @@ def as_result(value: Any) -> StageResult:
     raise TypeError(f"a stage function returns StageResult, a dict or None, not {type(value).__name__}")
 
 
-# The real stages, one line each (the runner renders the report after the last stage, see runfolder.py).
-# register("train", "pipeline.train:train_stage", needs=())
-# register("substitute", "pipeline.substitute:substitute_stage", needs=("train",))
-# ...
+# The real stages, one line each (the runner renders the report after the last stage, see runfolder.py), e.g.
+#   register("train", "pipeline.train:train_stage", needs=(), distributed=True)
+#   register("substitute", "reparam.substitute_stage:run", needs=("train",), distributed=True)
+#   register("ptq", "quant.toolkit:ptq_stage", needs=("train", "substitute"))
+# A stage's metrics feed the report: "ladder" entries and "methods" rows (see engines/report.py); an output
+# named "checkpoint" or "fused" gets weight violins; a *.jsonl file in its folder gets training curves.
