@@ -20,11 +20,11 @@ else
 fi
 
 echo "== test suite without GPU"
-docker run --rm "${mounts[@]}" "${image}" python -m pytest -q
+docker run --rm ${mounts[@]+"${mounts[@]}"} "${image}" python -m pytest -q
 
 if docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q nvidia || command -v nvidia-smi >/dev/null; then
     echo "== test suite with GPU"
-    docker run --rm --gpus all "${mounts[@]}" "${image}" python -m pytest -q
+    docker run --rm --gpus all ${mounts[@]+"${mounts[@]}"} "${image}" python -m pytest -q
 elif [[ "${REPQ_REQUIRE_GPU:-0}" == "1" ]]; then
     echo "run-ci: REPQ_REQUIRE_GPU=1 but no NVIDIA container runtime: install nvidia-container-toolkit" >&2
     exit 2
