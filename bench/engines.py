@@ -301,6 +301,7 @@ def accuracy_rows(benches, images, labels, fp32_logits, fq_logits, labelled: boo
         }
         if bench.precision == "int8":
             row["agree_fakequant_top1"] = 100.0 * float((logits.argmax(1) == fq_logits.argmax(1)).mean())
+            row["rel_l2_vs_fakequant"] = float(np.linalg.norm(logits - fq_logits) / np.linalg.norm(fq_logits))
         if labelled:
             row["top1"] = 100.0 * float((logits.argmax(1) == labels.numpy()).mean())
         rows[bench.name] = row
