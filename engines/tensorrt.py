@@ -198,8 +198,7 @@ def onnx_input(onnx_path: str | os.PathLike) -> tuple[str, list]:
     if len(inputs) != 1:
         raise RepqError(f"{path} has {len(inputs)} inputs; the TensorRT engine runs one-input classifiers")
     dims = [
-        d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-        for d in inputs[0].type.tensor_type.shape.dim
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in inputs[0].type.tensor_type.shape.dim
     ]
     return inputs[0].name, dims
 
@@ -227,6 +226,19 @@ def _datatype(text: str) -> str:
     ):
         if token in t:
             return name
+    return "unknown"
+
+
+# TensorRT 10 writes one "Format/Datatype" string per tensor; TensorRT 11 splits it into "DataType" and "Format".
+_TYPE_KEYS = ("DataType", "Datatype", "Format/Datatype", "Format/DataType", "Format")
+
+
+def _tensor_type(tensor: dict) -> str:
+    for key in _TYPE_KEYS:
+        if key in tensor:
+            kind = _datatype(tensor[key])
+            if kind != "unknown":
+                return kind
     return "unknown"
 
 
@@ -277,11 +289,9 @@ def parse_engine_info(info: str | dict) -> list[EngineLayer]:
             EngineLayer(
                 name=str(entry.get("Name", "")),
                 layer_type=f"{layer_type}/{parameter_type}" if parameter_type else layer_type,
-                input_type=_datatype(inputs[0].get("Format/Datatype", "")) if inputs else "unknown",
-                weight_type=_datatype(weights.get("Type", ""))
-                if isinstance(weights, dict) and weights
-                else None,
-                output_type=_datatype(outputs[0].get("Format/Datatype", "")) if outputs else "unknown",
+                input_type=_tensor_type(inputs[0]) if inputs else "unknown",
+                weight_type=_datatype(weights.get("Type", "")) if isinstance(weights, dict) and weights else None,
+                output_type=_tensor_type(outputs[0]) if outputs else "unknown",
                 tactic=str(entry.get("TacticName", "")),
                 onnx_layers=tuple(_ONNX_NAME.findall(str(entry.get("Metadata", "")))),
             )
@@ -330,14 +340,11 @@ def _fp16_onnx(onnx_path: Path, out_dir: Path) -> Path:
         from modelopt.onnx.autocast import convert_to_mixed_precision
     except ImportError as err:
         raise RepqError(
-            f"FP16 conversion for TensorRT 11 needs ModelOpt's ONNX extra ({err}): "
-            "pip install 'nvidia-modelopt[onnx]'"
+            f"FP16 conversion for TensorRT 11 needs ModelOpt's ONNX extra ({err}): pip install 'nvidia-modelopt[onnx]'"
         ) from err
     import onnx
 
-    converted = convert_to_mixed_precision(
-        onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True
-    )
+    converted = convert_to_mixed_precision(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True)
     out = out_dir / (onnx_path.stem + ".fp16.onnx")
     atomic_write_bytes(out, converted.SerializeToString())
     onnx.checker.check_model(str(out))
@@ -384,9 +391,7 @@ def build_engine(
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
-        raise RepqError(
-            f"TensorRT cannot parse {onnx_path}: {errors[:300]} (check the opset and Q/DQ placement)"
-        )
+        raise RepqError(f"TensorRT cannot parse {onnx_path}: {errors[:300]} (check the opset and Q/DQ placement)")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
@@ -435,24 +440,18 @@ class TensorRTEngine:
 
         path = Path(engine_path)
         if not path.is_file():
-            raise RepqError(
-                f"TensorRT engine {path} does not exist: build it first (engines.tensorrt.build_engine)"
-            )
+            raise RepqError(f"TensorRT engine {path} does not exist: build it first (engines.tensorrt.build_engine)")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            raise RepqError(
-                f"{path} is not an engine for this TensorRT {trt.__version__} and GPU: rebuild it here"
-            )
+            raise RepqError(f"{path} is not an engine for this TensorRT {trt.__version__} and GPU: rebuild it here")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
         if len(inputs) != 1 or len(outputs) != 1:
-            raise RepqError(
-                f"{path} has {len(inputs)} inputs and {len(outputs)} outputs: expected one of each"
-            )
+            raise RepqError(f"{path} has {len(inputs)} inputs and {len(outputs)} outputs: expected one of each")
         self.input_name, self.output_name = inputs[0], outputs[0]
         dtypes = {
             trt.float32: torch.float32,
@@ -505,16 +504,12 @@ class TensorRTEngine:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        return (
-            self.infer(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))).float().cpu().numpy()
-        )
+        return self.infer(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))).float().cpu().numpy()
 
     def evaluate(self, loader) -> dict:
         return topk_accuracy(self, loader)
 
-    def times(
-        self, batch: int, *, warmup: int = 20, runs: int = 100, cuda_graph: bool = False
-    ) -> list[float]:
+    def times(self, batch: int, *, warmup: int = 20, runs: int = 100, cuda_graph: bool = False) -> list[float]:
         """GPU seconds per run of one batch of random images (CUDA events; optionally a CUDA graph)."""
         import torch
 
@@ -535,10 +530,7 @@ class TensorRTEngine:
     def benchmark(
         self, batch_sizes: Sequence[int], *, warmup: int = 20, runs: int = 100, cuda_graph: bool = False
     ) -> list[LatencyStats]:
-        return [
-            latency_stats(self.times(b, warmup=warmup, runs=runs, cuda_graph=cuda_graph), b)
-            for b in batch_sizes
-        ]
+        return [latency_stats(self.times(b, warmup=warmup, runs=runs, cuda_graph=cuda_graph), b) for b in batch_sizes]
 
 
 # ---------------------------------------------------------------- whole measurement + report

@@ -92,9 +92,7 @@ def test_build_plan_refuses_old_or_unknown():
 
 def test_profile_shapes_cover_every_batch():
     shapes = trt_engine.profile_shapes(["batch", 3, 224, 224], [8, 1, 32, 8])
-    assert (
-        shapes.min == (1, 3, 224, 224) and shapes.opt == (32, 3, 224, 224) and shapes.max == (32, 3, 224, 224)
-    )
+    assert shapes.min == (1, 3, 224, 224) and shapes.opt == (32, 3, 224, 224) and shapes.max == (32, 3, 224, 224)
     assert trt_engine.profile_shapes([None, 3, 32, 32], [1, 8], opt_batch=8).opt == (8, 3, 32, 32)
     assert trt_engine.profile_shapes([4, 3, 32, 32], [4]).max == (4, 3, 32, 32)
 
@@ -133,9 +131,7 @@ ENGINE_INFO = {
             "Name": "Reformatting CopyNode for Input Tensor 0 to conv1",
             "LayerType": "Reformat",
             "Inputs": [{"Name": "input", "Format/Datatype": "Row major linear FP32"}],
-            "Outputs": [
-                {"Name": "r", "Format/Datatype": "Channel major INT8 format where channel % 32 == 0"}
-            ],
+            "Outputs": [{"Name": "r", "Format/Datatype": "Channel major INT8 format where channel % 32 == 0"}],
             "TacticName": "",
             "Metadata": "",
         },
@@ -193,6 +189,20 @@ def test_engine_info_parser_finds_int8_layers_and_names_fallbacks():
     assert coverage["int8_fraction"] == pytest.approx(1 / 3)
     assert [(f["name"], f["precision"]) for f in coverage["fallback"]] == [("conv2", "fp32"), ("fc", "fp16")]
     assert coverage["fallback"][1]["onnx_layers"] == ["/fc/Gemm"]
+
+
+def test_engine_info_parser_reads_split_type_fields():
+    # TensorRT 11 replaced the "Format/Datatype" string with separate "DataType" and "Format" fields.
+    entry = {
+        "Name": "conv1",
+        "LayerType": "CaskConvolution",
+        "ParameterType": "Convolution",
+        "Inputs": [{"Name": "x", "DataType": "Int8", "Format": "Channel major INT8 format (kCHW32)"}],
+        "Outputs": [{"Name": "y", "DataType": "Half", "Format": "Row major linear FP16 format (kLINEAR)"}],
+        "Weights": {"Type": "Int8", "Count": 216},
+    }
+    (layer,) = trt_engine.parse_engine_info({"Layers": [entry], "I/O Tensors": []})
+    assert (layer.input_type, layer.output_type, layer.precision) == ("int8", "fp16", "int8")
 
 
 def test_engine_info_parser_refuses_non_detailed_info():
