@@ -199,12 +199,13 @@ def plot_accuracy_latency(methods: list[dict]) -> bytes | None:
     if not points:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in points:
-        label = _method_label(row)
-        ax.scatter(row["latency_ms"], row["top1"], s=50, marker="s" if _is_fp32(row) else "o", label=label)
-        ax.annotate(label, (row["latency_ms"], row["top1"]), textcoords="offset points", xytext=(6, 4),
-                    fontsize=8)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    # A legend, not annotations: methods of similar speed and accuracy would print their names over each other.
+    markers = "osD^vP*Xh<>"
+    for i, row in enumerate(points):
+        ax.scatter(row["latency_ms"], row["top1"], s=60, marker="s" if _is_fp32(row) else markers[i % len(markers)],
+                   label=_method_label(row), zorder=3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     ax.set_xlabel("latency per batch (ms, lower is better)")
     ax.set_ylabel("top-1 accuracy on the engine (%)")
     ax.set_title("Accuracy vs latency per method")
@@ -336,9 +337,12 @@ def _sections(metrics: dict[str, Any]) -> list[tuple[str, str, list[str], list[l
             scalars = {k: v for k, v in stage.get("metrics", {}).items() if _number(v) or isinstance(v, str)}
             shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(scalars.items())[:8])
             rows.append([name, _fmt(stage.get("wall_s"), 1), shown])
+        header = ["Stage", "Wall (s)", "Metrics"]
+        if not any(row[2] for row in rows):
+            header, rows = header[:2], [row[:2] for row in rows]
         total = metrics.get("total_wall_s")
         sections.append(("Stages", f"Wall time of each stage when it ran (total {_fmt(total, 1)} s).",
-                         ["Stage", "Wall (s)", "Metrics"], rows))
+                         header, rows))
     return sections
 
 
