@@ -14,6 +14,11 @@ from reparam.errors import RepqError
 
 # name -> (module, one-line help). The module is imported only when its command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("pipeline.commands.run", "run a recipe: re-param training to INT8 engines and a report, resumable"),
+    "recipe": ("pipeline.commands.recipe", "check a recipe and print it with every default (--show)"),
+    "train": ("pipeline.commands.train", "train a re-param model in full precision (resumable, torchrun-ready)"),
+    "eval": ("pipeline.commands.eval", "top-1/top-5 (or PSNR) of a checkpoint, ONNX file or engine on any folder"),
+    "report": ("pipeline.commands.report", "render a run folder's report.md, report.html and metrics.json again"),
     "models": ("pipeline.commands.models", "list the model zoo, or check that a model fuses exactly"),
 }
 
