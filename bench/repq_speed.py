@@ -1,0 +1,94 @@
+"""Training-step time of RepQ, RepQ-BN and RepQ-BNEst relative to plain LSQ QAT on the same model and batch.
+
+Plain LSQ QAT = the fused (deploy-form) model with LSQ on every conv/linear: 100%. The RepQ variants train the
+re-param form through its merged kernels. Variants are interleaved round by round and the median step time is
+reported, so a shared, noisy CPU slows them alike.
+
+    python bench/repq_speed.py --model resnet18_acb --batch 32 --rounds 5 [--profile bn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from quant.lsq import quantize_plain_layers
+from quant.repq import wrap_model
+from reparam import create_model, fuse_model
+
+
+def build(name: str, width: float) -> torch.nn.Module:
+    kwargs = {"num_classes": 10, "cifar": True}
+    if "repvgg" in name:
+        kwargs["width_mult"] = width
+    return create_model(name, **kwargs)
+
+
+def variants(model: torch.nn.Module, bits: int, stats_grad: bool) -> dict[str, torch.nn.Module]:
+    out = {"plain LSQ QAT": quantize_plain_layers(fuse_model(model), bits, bits)}
+    for mode, label in (("repq", "RepQ"), ("bn", "RepQ-BN"), ("bnest", "RepQ-BNEst")):
+        out[label] = wrap_model(copy.deepcopy(model), mode, bits, bits, stats_grad=stats_grad)
+    return out
+
+
+def step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="resnet18_acb")
+    parser.add_argument("--width", type=float, default=0.5, help="width_mult for repvgg/qarepvgg models")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--bits", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-stats-grad", action="store_true", help="batch statistics without gradient")
+    parser.add_argument("--profile", choices=["plain", "repq", "bn", "bnest"], help="print a profile of one variant")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = build(args.model, args.width).train()
+    x, y = torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 10, (args.batch,))
+    models = variants(model, args.bits, not args.no_stats_grad)
+    steps = {label: step_fn(m.train(), x, y) for label, m in models.items()}
+    for step in steps.values():  # warm-up: initialises the LSQ steps (MinError) and the allocator
+        step()
+        step()
+    times: dict[str, list[float]] = {label: [] for label in steps}
+    for _ in range(args.rounds):
+        for label, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[label].append(time.perf_counter() - start)
+    base = statistics.median(times["plain LSQ QAT"])
+    print(f"{args.model} batch {args.batch}x3x{args.size}x{args.size}, {args.bits}-bit, torch threads "
+          f"{torch.get_num_threads()}, {args.rounds} interleaved rounds, stats_grad={not args.no_stats_grad}")
+    for label, values in times.items():
+        med = statistics.median(values)
+        print(f"  {label:14s} median {med * 1000:8.1f} ms  {100 * med / base:6.1f}%   "
+              f"(min {min(values) * 1000:.1f}, max {max(values) * 1000:.1f})")
+    if args.profile:
+        label = {"plain": "plain LSQ QAT", "repq": "RepQ", "bn": "RepQ-BN", "bnest": "RepQ-BNEst"}[args.profile]
+        from torch.profiler import profile
+
+        with profile() as prof:
+            steps[label]()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+if __name__ == "__main__":
+    main()

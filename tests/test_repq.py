@@ -1,0 +1,282 @@
+"""RepQ layers against independent truth: the block's own fuse() + hand quantization, the block's own forward
+(BN inputs caught by hooks), explicit convs for BNEst, gradient reach, and training on real CIFAR images."""
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant.lsq import LSQConv2d, LSQLinear
+from quant.repq import MODES, RepQBlock, estimated_stats, patch_mean, wrap_model
+from reparam import BLOCKS, create_model, fuse_model
+from reparam.errors import RepqError
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10" / "train"
+
+
+def _block(kind: str, stride: int = 1, groups: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "ecb":
+        block = BLOCKS[kind](4, 4, with_identity=True)
+    else:
+        block = BLOCKS[kind](4, 4, 3, stride, groups)
+    # Non-trivial BN statistics and affine parameters, so folding is exercised.
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+            elif isinstance(m, nn.Conv2d) and m.weight.abs().sum() == 0:
+                m.weight.normal_(0, 0.1)
+    return block
+
+
+BLOCK_CASES = [("repvgg", 1, 1), ("repvgg", 2, 2), ("qarepvgg", 1, 1), ("acb", 2, 1), ("dbb", 1, 2),
+               ("orepa", 1, 1), ("ecb", 1, 1)]
+
+
+def _hand_quant(t: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return torch.clamp(torch.round(t / step), lo, hi) * step
+
+
+@pytest.mark.parametrize("kind,stride,groups", BLOCK_CASES)
+@pytest.mark.parametrize("mode", MODES)
+def test_eval_equals_fused_block_with_hand_quantized_weight_and_input(kind, stride, groups, mode):
+    wrapped = RepQBlock(_block(kind, stride, groups), mode, w_bits=4, a_bits=8)
+    x = torch.randn(2, 4, 9, 9)
+    wrapped.train()(x)  # one training step's forward: sets the steps (and moves BN statistics in bn/bnest)
+    wrapped.eval()
+    fused = copy.deepcopy(wrapped.block).fuse().reparam_conv  # the block's own fuse, with running stats
+    sw = wrapped.weight_quantizer.step.detach().reshape(-1, 1, 1, 1)
+    sa = wrapped.input_quantizer.step.detach()
+    expected = F.conv2d(_hand_quant(x, sa, -128, 127), _hand_quant(fused.weight, sw, -8, 7), fused.bias,
+                        fused.stride, fused.padding, fused.dilation, fused.groups)
+    with torch.no_grad():
+        out = wrapped(x)
+        deployed = wrapped.fuse()
+        assert isinstance(deployed, LSQConv2d)
+        assert torch.allclose(out, expected, atol=1e-5)
+        assert torch.allclose(deployed(x), out, atol=1e-6)
+        codes = deployed.weight / sw
+        assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 8
+
+
+def _bn_inputs(block: nn.Module, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    caught = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out: caught.__setitem__(id(mod), inp[0].detach()))
+             for m in block.modules() if isinstance(m, nn.BatchNorm2d)]
+    block(x)
+    for h in hooks:
+        h.remove()
+    return caught
+
+
+def _bns(block: nn.Module) -> list[nn.BatchNorm2d]:
+    return [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def _algorithm1_truth(block: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batch mean and biased var of every BN input, from the block's own forward, where inner BNs normalise
+    with the Algorithm-1 statistics (batch mean, updated running var). Iterated to a fixed point so outer BNs
+    see inner BNs folded that way."""
+    probe = copy.deepcopy(block).train()
+    bns = _bns(probe)
+    old = {id(m): (m.running_mean.clone(), m.running_var.clone()) for m in bns}
+    stats = {}
+    for _ in range(3):
+        inputs = _bn_inputs(probe, x)
+        stats = {k: (v.mean(dim=(0, 2, 3)), v.var(dim=(0, 2, 3), unbiased=False), v[:, 0].numel())
+                 for k, v in inputs.items()}
+        for m in bns:  # the next pass: inner BNs fold with (batch mean, updated running var)
+            mean, var, n = stats[id(m)]
+            m.eval()
+            m.running_mean.copy_(mean)
+            m.running_var.copy_((1 - m.momentum) * old[id(m)][1] + m.momentum * var * n / (n - 1))
+    return [stats[id(m)][:2] for m in bns]
+
+
+@pytest.mark.parametrize("kind,stride,groups", [c for c in BLOCK_CASES if c[0] != "ecb"])
+def test_repq_bn_batch_stats_equal_the_branch_convs_and_update_running_stats(kind, stride, groups):
+    block = _block(kind, stride, groups)
+    x = torch.randn(3, 4, 10, 10) * 2 + 0.5
+    truth = _algorithm1_truth(block, x)
+    wrapped = RepQBlock(copy.deepcopy(block), "bn")
+    taps_before = {n: (t.bn.running_mean.clone(), t.bn.running_var.clone())
+                   for n, t in block.bn_taps().items()}
+    wrapped.train()(x)
+    taps = wrapped.block.bn_taps()
+    assert set(wrapped.last_batch_stats) == set(taps)
+    for name, (mean, var) in wrapped.last_batch_stats.items():
+        true_mean, true_var = truth[_bns(wrapped.block).index(taps[name].bn)]
+        assert torch.allclose(mean, true_mean, atol=1e-5, rtol=1e-4), name
+        assert torch.allclose(var, true_var, atol=1e-5, rtol=1e-4), name
+        bn, (rm, _) = taps[name].bn, taps_before[name]
+        expected = (1 - bn.momentum) * rm + bn.momentum * true_mean
+        assert torch.allclose(bn.running_mean, expected, atol=1e-5), name
+
+
+def test_bnest_mean_is_exact_for_1x1_and_for_any_kernel_without_border_effects():
+    torch.manual_seed(1)
+    x = torch.randn(4, 6, 12, 12) * torch.rand(1, 6, 1, 1) * 3 + torch.randn(1, 6, 1, 1)
+    var_x, mean_x = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    w1 = torch.randn(5, 6, 1, 1)
+    est_mean, _ = estimated_stats(mean_x, var_x, w1, None, 1)
+    assert torch.allclose(est_mean, F.conv2d(x, w1).mean(dim=(0, 2, 3)), atol=1e-5)
+    # kxk, grouped: with circular padding every pixel enters every output tap once, so no border effect
+    w3 = torch.randn(6, 3, 3, 3)
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="circular"), w3, groups=2)
+    est_mean, _ = estimated_stats(mean_x, var_x, w3, torch.ones(6), 2)
+    assert torch.allclose(est_mean, y.mean(dim=(0, 2, 3)) + 1, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,groups", [((3, 3), 1, (1, 1), 1), ((3, 3), 2, (1, 1), 2),
+                                                          ((1, 3), 2, (0, 1), 1), ((1, 1), 1, (0, 0), 3)])
+def test_patch_mean_is_the_exact_conv_mean(kernel, stride, padding, groups):
+    torch.manual_seed(3)
+    x = torch.randn(3, 6, 11, 9) + torch.randn(1, 6, 1, 1)
+    w, b = torch.randn(6, 6 // groups, *kernel), torch.randn(6)
+    y = F.conv2d(x, w, b, stride, padding, 1, groups)
+    assert torch.allclose(patch_mean(x, w, b, stride, padding, groups), y.mean(dim=(0, 2, 3)), atol=1e-5)
+
+
+def test_bnest_variance_matches_for_independent_input_channels():
+    gen = torch.Generator().manual_seed(2)
+    scales = torch.tensor([0.5, 1.0, 2.0, 3.0]).reshape(1, 4, 1, 1)
+    x = torch.randn(64, 4, 32, 32, generator=gen) * scales + 1.0  # independent channels and pixels
+    var_x, mean_x = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    w = torch.randn(8, 4, 3, 3, generator=gen)
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="circular"), w)
+    _, est_var = estimated_stats(mean_x, var_x, w, None, 1)
+    true_var = y.var(dim=(0, 2, 3), unbiased=False)
+    assert torch.allclose(est_var, true_var, rtol=0.05)
+    # correlated channels (a copy of channel 0): the diagonal estimate misses the covariance term
+    x_corr = torch.cat([x[:, :1], x[:, :1]], dim=1)
+    var_c, mean_c = torch.var_mean(x_corr, dim=(0, 2, 3), unbiased=False)
+    w_pos = w[:, :2].abs()
+    _, est_c = estimated_stats(mean_c, var_c, w_pos, None, 1)
+    true_c = F.conv2d(F.pad(x_corr, (1, 1, 1, 1), mode="circular"), w_pos).var(dim=(0, 2, 3))
+    assert (est_c < true_c * 0.9).all()
+
+
+@pytest.mark.parametrize("kind,stride,groups", BLOCK_CASES)
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_reach_every_branch_weight_bn_affine_and_step(kind, stride, groups, mode):
+    """Every parameter the float block trains (its own forward: BN in train mode for bn/bnest, frozen BN
+    statistics for repq) gets a gradient through RepQ, and so does every step size. (An inner BN's bias in
+    front of an outer BN, QARepVGG's or DBB's, has none in either: the outer BN's batch mean removes it.)"""
+    block = _block(kind, stride, groups)
+    wrapped = RepQBlock(copy.deepcopy(block), mode, w_bits=4, a_bits=4).train()
+    x = torch.randn(2, 4, 8, 8)
+    wrapped(x)  # initialise steps
+    probe = torch.randn_like(wrapped(x))  # a loss that depends on the output's spatial pattern
+    (wrapped(x) * probe).sum().backward()
+    reference = block.train() if mode != "repq" else block.eval()
+    (reference(x) * probe).sum().backward()
+    largest = max(p.grad.abs().max().item() for p in reference.parameters())
+    trained = {n for n, p in reference.named_parameters() if p.grad.abs().max() > 1e-5 * largest}
+    untrained = {n for n, _ in reference.named_parameters()} - trained
+    assert all(n.endswith("bn.bias") for n in untrained), untrained  # only inner BN biases, as explained
+    for name, p in wrapped.named_parameters():
+        if name.startswith("block.") and name[len("block."):] not in trained:
+            continue
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _cifar_batch(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    classes = sorted(d.name for d in CIFAR.iterdir())[:4]
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for path in sorted((CIFAR / cls).iterdir())[: n // len(classes)]:
+            images.append(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)
+            labels.append(label)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    return (x - 0.5) / 0.25, torch.tensor(labels)
+
+
+def _tiny_net() -> nn.Module:
+    return nn.Sequential(BLOCKS["repvgg"](3, 16, 3, 2), nn.ReLU(), BLOCKS["qarepvgg"](16, 16), nn.ReLU(),
+                         BLOCKS["acb"](16, 32, 3, 2), nn.ReLU(), BLOCKS["dbb"](32, 32, 3, 1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+
+
+@pytest.fixture(scope="module")
+def pretrained_on_cifar():
+    """A tiny four-family re-param net trained briefly in float on 64 real CIFAR images (QAT fine-tunes a
+    trained model), with its BN running statistics re-estimated on those images."""
+    if not CIFAR.is_dir():
+        pytest.skip("shared CIFAR-10 images not found at ../shared/datasets/cifar10/train")
+    torch.manual_seed(0)
+    x, y = _cifar_batch()
+    model = _tiny_net()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(12):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    with torch.no_grad():
+        model(x)
+    for bn in bns:
+        bn.momentum = 0.1
+    return model, x, y
+
+
+@pytest.mark.parametrize("bits,mode", [(8, "bn"), (4, "bnest"), (2, "bn")])
+def test_training_lowers_the_loss_on_real_images(pretrained_on_cifar, bits, mode):
+    fp, x, y = pretrained_on_cifar
+    torch.manual_seed(0)
+    model = wrap_model(copy.deepcopy(fp), mode, w_bits=bits, a_bits=bits).train()  # first/last: 8 bits
+    opt = torch.optim.SGD(model.parameters(), lr=0.003, momentum=0.9)
+    losses = []
+    for _ in range(10):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < 0.97 * losses[0], losses
+
+
+def test_wrap_model_wraps_every_block_and_fuse_model_gives_quantized_deploy_model():
+    torch.manual_seed(0)
+    model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125)
+    n_blocks = sum(1 for m in model.modules() if m.__class__.__name__ == "RepVGGBlock")
+    wrap_model(model, "bn", w_bits=4, a_bits=4)
+    layers = [m for m in model.modules() if isinstance(m, RepQBlock)]
+    assert len(layers) == n_blocks
+    assert isinstance(model.head[2], LSQLinear)
+    assert layers[0].weight_quantizer.bits == 8  # first layer: 8 bits
+    assert layers[1].weight_quantizer.bits == 4
+    x = torch.randn(4, 3, 16, 16)
+    model.train()(x)
+    model.eval()
+    deployed = fuse_model(model).eval()
+    assert not any(isinstance(m, RepQBlock) for m in deployed.modules())
+    assert sum(isinstance(m, LSQConv2d) for m in deployed.modules()) == n_blocks
+    with torch.no_grad():
+        assert torch.allclose(deployed(x), model(x), atol=1e-5)
+
+
+def test_wrap_model_refuses_bad_input():
+    model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125)
+    with pytest.raises(RepqError, match="mode"):
+        wrap_model(model, "bnx")
+    with pytest.raises(RepqError, match="no re-param blocks"):
+        wrap_model(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    with pytest.raises(RepqError, match="already fused"):
+        wrap_model(fuse_model(model))
+    with pytest.raises(RepqError, match="never run"):
+        fuse_model(wrap_model(model))
