@@ -24,7 +24,7 @@ MIN_BITS, MAX_BITS = 2, 8
 _MIN_STEP = 1e-8  # a dead channel (all zeros) gets this step instead of 0
 # MinError looks at a random subset: at most this many elements in all (at least 256 per step, all when
 # fewer): the MSE curve is flat near its minimum, so a subset finds the same step at a fraction of the cost.
-_MINERROR_SAMPLES = 1 << 17
+_MINERROR_SAMPLES = 1 << 15
 _MINERROR_GRID = 20
 
 
