@@ -14,6 +14,9 @@ from pydantic import ValidationError
 
 from reparam.errors import RepqError
 
+# With neither --model nor --width-mult, train this quick CPU-friendly model (RepVGG-A0 at a quarter width).
+DEFAULT_MODEL, DEFAULT_WIDTH = "repvgg_a0", 0.25
+
 # CLI flag -> TrainSettings field, for the settings a user changes most; --set KEY=VALUE reaches the rest.
 FLAGS = {
     "model": str, "width_mult": float, "epochs": int, "batch_size": int, "optimizer": str, "lr": float,
@@ -30,8 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any training setting, e.g. --set nesterov=false (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
+    helps = {"model": f"zoo model (`repq models`); default {DEFAULT_MODEL} at width {DEFAULT_WIDTH}",
+             "width_mult": "channel width multiplier (default: the model's own)"}
     for name, kind in FLAGS.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
+                            help=helps.get(name, f"training setting {name} (see TrainSettings)"))
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -44,6 +50,8 @@ def settings_from_args(args: argparse.Namespace):
             raise RepqError(f"--set {item!r} is not KEY=VALUE: write e.g. --set nesterov=false")
         values[key.strip()] = _parse_value(raw)
     values.update({k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None})
+    if "model" not in values and "width_mult" not in values:
+        values.update(model=DEFAULT_MODEL, width_mult=DEFAULT_WIDTH)
     if args.no_progress:
         values["progress"] = False
     if isinstance(values.get("val_size"), float) and values["val_size"] >= 1:
