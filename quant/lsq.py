@@ -11,6 +11,7 @@ Steps start from the first batch: MinError (the step minimising the quantization
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -288,3 +289,38 @@ def quantize_plain_layers(model: nn.Module, w_bits: int = 8, a_bits: int = 8, pe
 
     visit(model)
     return model
+
+
+# -- export --------------------------------------------------------------------------------------------------
+LSQ_LAYERS = (LSQConv2d, LSQLinear)
+
+
+def export_ranges(model: nn.Module) -> dict[str, tuple[float, Tensor]]:
+    """For each LSQ layer: (input amax, per-output-channel weight amax) with amax = step * 127, the symmetric
+    int8 ranges a QDQ export takes (scale = amax / 127 = step). Weights of any bit width export exactly (their
+    codes fit in int8); activations must be 8-bit signed, as TensorRT runs them."""
+    ranges = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LSQ_LAYERS):
+            continue
+        aq, wq = layer.input_quantizer, layer.weight_quantizer
+        if not (bool(aq.initialized) and bool(wq.initialized)):
+            raise RepqError(f"LSQ layer {name} has unset steps: fine-tune (or run one batch) before exporting")
+        if aq.bits != 8 or not aq.signed:
+            raise RepqError(f"LSQ layer {name} quantizes its input to {aq.bits}-bit "
+                            f"{'signed' if aq.signed else 'unsigned'}: int8 Q/DQ export needs 8-bit signed "
+                            f"activations (lower bit widths are for simulation): fine-tune with a_bits=8")
+        qp = 2 ** (8 - 1) - 1
+        in_amax = float(aq.step.detach().clamp_min(_MIN_STEP).reshape(-1)[0]) * qp
+        steps = wq.step.detach().clamp_min(_MIN_STEP).float().cpu().reshape(-1)
+        ranges[name] = (in_amax, steps.expand(layer.weight.shape[0]) * qp)
+    return ranges
+
+
+def without_quantizers(model: nn.Module) -> nn.Module:
+    """A deep copy with every LSQ quantizer switched off: the float graph an exporter inserts Q/DQ into."""
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if isinstance(module, LSQQuantizer):
+            module.enabled = False
+    return plain

@@ -1,0 +1,168 @@
+"""`repq finetune`: RepQ quantization-aware fine-tuning of a trained re-param model (stage 4).
+
+    repq finetune --checkpoint runs/cifar/best.pt --data ../shared/datasets/cifar10 --method bnest --out DIR
+    repq finetune ... --method merged          # the paper's Merged baseline: fuse first, then LSQ QAT
+
+Methods: ``repq`` / ``bn`` / ``bnest`` train through each block's merged kernel (quant.repq); ``merged``
+fuses the blocks and trains LSQ on the plain convs (Table 1's Merged; on a plain model it is the Plain
+baseline). Writes DIR/repq.pt (the fine-tuned model, rebuildable), DIR/metrics.json and, for 8-bit
+activations, DIR/model_int8.onnx with ONNX Runtime's accuracy on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reparam.errors import RepqError
+
+METHODS = ("repq", "bn", "bnest", "merged")
+FORMAT = "repq-finetune/1"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="full-precision checkpoint from `repq train`")
+    parser.add_argument("--data", default="digits", help="ImageFolder tree (train/ [val/]) or `digits`")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--method", choices=METHODS, default="bnest")
+    parser.add_argument("--w-bits", type=int, default=8)
+    parser.add_argument("--a-bits", type=int, default=8)
+    parser.add_argument("--act-unsigned", action="store_true",
+                        help="unsigned activation quantizers (simulation only: TensorRT needs signed)")
+    parser.add_argument("--epochs", type=float, default=1.0, help="may be fractional")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.01, help="SGD, cosine to 0")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--val-size", type=float, default=5000, help="val split carved from train (count)")
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-export", action="store_true", help="skip the ONNX export and ORT evaluation")
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def quantized_model(float_model: nn.Module, method: str, w_bits: int, a_bits: int, act_signed: bool = True
+                    ) -> nn.Module:
+    """The model to fine-tune: RepQ-wrapped blocks, or (merged) LSQ on the fused convs."""
+    from quant.lsq import quantize_plain_layers
+    from quant.repq import wrap_model
+    from reparam import fuse_model
+
+    if method not in METHODS:
+        raise RepqError(f"unknown fine-tuning method {method!r}: use one of {', '.join(METHODS)}")
+    if method == "merged":
+        fused = fuse_model(float_model)
+        if any(isinstance(m, nn.BatchNorm2d) for m in fused.modules()):
+            raise RepqError("the fused model still has BatchNorm layers outside re-param blocks: LSQ on plain "
+                            "conv+BN pairs is not supported; convert them to blocks (reparam.convert_convs)")
+        model = quantize_plain_layers(fused, w_bits, a_bits, act_signed=act_signed)
+        model.repq_quant = {"method": "merged", "w_bits": w_bits, "a_bits": a_bits, "act_signed": act_signed}
+        return model
+    return wrap_model(float_model, method, w_bits, a_bits, act_signed=act_signed)
+
+
+def rebuild(ckpt: dict) -> nn.Module:
+    """The fine-tuned model of a DIR/repq.pt payload, weights and steps loaded."""
+    from reparam import model_from_arch
+
+    quant = ckpt["quant"]
+    method = quant.get("mode", quant["method"]) if quant["method"] == "repq" else quant["method"]
+    model = quantized_model(model_from_arch(ckpt["arch"]), method, quant["w_bits"], quant["a_bits"],
+                            quant.get("act_signed", True))
+    model.load_state_dict(ckpt["state_dict"])
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def export_quantized(model: nn.Module, path: str | Path, target: str = "tensorrt",
+                     input_shape=(1, 3, 32, 32), **kwargs) -> Path:
+    """QDQ ONNX of a fine-tuned model through engines.export: fused (weights = Q(M(W))), LSQ steps as amax."""
+    from engines.export import LayerQuant, export_onnx
+    from quant.lsq import export_ranges, without_quantizers
+    from reparam import fuse_model
+
+    deployed = fuse_model(model).eval()
+    specs = {name: LayerQuant(amax_in, amax_w.numpy().copy(), None)
+             for name, (amax_in, amax_w) in export_ranges(deployed).items()}
+    return export_onnx(without_quantizers(deployed), path, target, input_shape, specs=specs, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_decay: float = 0.0,
+             log=print) -> list[float]:
+    """SGD (momentum 0.9, cosine to 0) over ``epochs`` of ``train_loader``; returns the per-step losses."""
+    from calibration.loaders import set_loader_epoch
+
+    total = max(1, int(math.ceil(epochs * len(train_loader))))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    losses: list[float] = []
+    model.train()
+    start, epoch = time.time(), 0
+    while len(losses) < total:
+        set_loader_epoch(train_loader, epoch)
+        for images, labels in train_loader:
+            loss = F.cross_entropy(model(images), labels)
+            if not torch.isfinite(loss):
+                raise RepqError(f"fine-tuning loss became {loss.item()} at step {len(losses)}: lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            if len(losses) % 50 == 0 or len(losses) == total:
+                log(f"step {len(losses)}/{total} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
+                    f"({time.time() - start:.0f}s)")
+            if len(losses) >= total:
+                break
+        epoch += 1
+    return losses
+
+
+def run(args: argparse.Namespace) -> int:
+    from calibration.datasets import load_data
+    from calibration.loaders import build_loaders
+    from engines.onnxruntime import OrtEngine
+    from pipeline.distributed import init_distributed
+    from pipeline.train import evaluate, load_model_checkpoint
+    from reparam.io import atomic_save, atomic_write_json
+
+    out = Path(args.out)
+    torch.manual_seed(args.seed)
+    float_model, ckpt = load_model_checkpoint(args.checkpoint)
+    val_size = int(args.val_size) if args.val_size >= 1 else args.val_size
+    data = load_data(args.data, val_size=val_size, seed=args.split_seed)
+    train_loader, val_loader = build_loaders(data, args.batch_size, seed=args.seed)
+    ctx = init_distributed("cpu")
+    fp_top1 = evaluate(copy.deepcopy(float_model), val_loader, ctx)["top1"]
+    print(f"float model: val top-1 {fp_top1:.2f}%")
+    model = quantized_model(float_model, args.method, args.w_bits, args.a_bits, not args.act_unsigned)
+    losses = finetune(model, train_loader, args.epochs, args.lr, args.weight_decay)
+    metrics = {"method": args.method, "w_bits": args.w_bits, "a_bits": args.a_bits,
+               "act_signed": not args.act_unsigned, "fp32_top1": fp_top1, "steps": len(losses),
+               "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+               "fake_quant_top1": evaluate(model, val_loader, ctx)["top1"]}
+    print(f"fine-tuned ({args.method}, W{args.w_bits}A{args.a_bits}): fake-quant val top-1 "
+          f"{metrics['fake_quant_top1']:.2f}%")
+    atomic_save({"format": FORMAT, "arch": float_model.repq_arch, "quant": model.repq_quant,
+                 "state_dict": model.state_dict(), "data": data.describe(), "metrics": metrics}, out / "repq.pt")
+    if not args.no_export and args.a_bits == 8 and not args.act_unsigned:
+        shape = (1, *next(iter(val_loader))[0].shape[1:])
+        onnx_path = export_quantized(model, out / "model_int8.onnx", "tensorrt", shape, dynamic_batch=True)
+        metrics["onnx"] = str(onnx_path)
+        metrics["ort_top1"] = OrtEngine(onnx_path).evaluate(val_loader)["top1"]
+        print(f"exported {onnx_path}: ONNX Runtime val top-1 {metrics['ort_top1']:.2f}%")
+    atomic_write_json(out / "metrics.json", metrics)
+    return 0
