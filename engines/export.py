@@ -177,6 +177,7 @@ class QDQEditor:
         self.new_nodes: list = []
         self.qdq_cache: dict[tuple, str] = {}
         self.dq_scale: dict[str, float] = {}  # DQ output -> its scale
+        self.shifted_signed = False  # signed tensors as uint8 with zero point 128 (ORT placement)
         self.count = 0
         self._index()
 
@@ -212,9 +213,9 @@ class QDQEditor:
         """Q/DQ of an activation (per tensor, zero point 0); one pair per (tensor, range, type)."""
         key = (tensor, float(amax), unsigned)
         if key not in self.qdq_cache:
-            levels, dtype = 127.0, (np.uint8 if unsigned else np.int8)
+            levels = 127.0
             scale = self._const(f"{tensor}_scale", np.array(_safe(amax) / levels, dtype=np.float32))
-            zero = self._const(f"{tensor}_zero", np.array(0, dtype=dtype))
+            zero = self._const(f"{tensor}_zero", _zero_point(unsigned, self.shifted_signed))
             quant = self._node("QuantizeLinear", [tensor, scale, zero], tensor)
             self.qdq_cache[key] = self._node("DequantizeLinear", [quant, scale, zero], tensor)
             self.dq_scale[self.qdq_cache[key]] = float(np.float32(_safe(amax) / levels))
@@ -270,6 +271,7 @@ class QDQEditor:
                 add.input[index] = self.qdq(add.input[index], known[add.input[index]])
 
     def place_onnxruntime(self, nodes: dict, specs: dict[str, LayerQuant]) -> None:
+        self.shifted_signed = True
         known = self._known_ranges(nodes, specs)
         wanted = [node.input[0] for name, node in nodes.items() if specs[name].input_amax is not None]
         for node in nodes.values():
@@ -339,6 +341,15 @@ class QDQEditor:
         kept = [t for t in self.graph.initializer if t.name in used]  # float weights replaced by int8 ones
         del self.graph.initializer[:]
         self.graph.initializer.extend(kept)
+
+
+def _zero_point(unsigned: bool, shifted_signed: bool) -> np.ndarray:
+    """0 as int8 (symmetric), 0 as uint8 (non-negative), or 128 as uint8 for a signed tensor in the ORT file:
+    codes 0..255 with zero point 128 are the int8 grid -128..127 shifted, the same values, and ORT's x86
+    kernels are much faster for uint8 activations (U8S8) than for int8 ones."""
+    if unsigned:
+        return np.array(0, dtype=np.uint8)
+    return np.array(128, dtype=np.uint8) if shifted_signed else np.array(0, dtype=np.int8)
 
 
 def _safe(amax):

@@ -1,0 +1,235 @@
+"""ONNX Runtime INT8 benchmark: speed of the fused RepVGG-A0 and accuracy of trained CIFAR models, on the engine.
+
+    python bench/ort_int8.py speed [--model repvgg_a0 --size 224 --batch 8]
+    python bench/ort_int8.py accuracy --ckpt runs/repvgg/best.pt --ckpt runs/qarepvgg/best.pt [--qat-epochs 1]
+
+`speed` times three ONNX Runtime engines of the same fused model in one process, interleaved round by round so
+that load from other processes hits all of them alike: FP32, repq's INT8 (ModelOpt calibration, ORT placement)
+and ORT's own `quantize_static` (QDQ, per-channel, symmetric int8) calibrated on the same images.
+`accuracy` builds, per checkpoint, FP32 / PTQ with each calibrator / quantize_static (/ QAT) engines and reports
+top-1 on the validation split (5,000 images, seed 0) measured on each engine. Results go to --out as JSON and a
+markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engines.export import export_float, export_onnx  # noqa: E402
+from engines.onnxruntime import OrtEngine, optimized_op_types  # noqa: E402
+from engines.timing import latency_stats, time_calls  # noqa: E402
+from quant.toolkit import quantize  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10"
+
+
+def calibration_batches(data_path, num_images: int, size: int | None, batch: int = 64):
+    """The fixed calibration set of `calibration/` (seed 0), resized to `size` when given."""
+    from calibration.loaders import calibration_set
+
+    data = str(data_path) if isinstance(data_path, (str, Path)) else data_path
+    images, labels = calibration_set(data, num_images, seed=0)
+    if size is not None and images.shape[-1] != size:
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return [(images[i:i + batch], labels[i:i + batch]) for i in range(0, len(images), batch)]
+
+
+def ort_quantize_static(fp32_path: Path, out_path: Path, batches) -> Path:
+    """ORT's own static quantization: QDQ, per-channel weights, symmetric int8 activations and weights."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": x.numpy()} for x, _ in batches])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    prepared = out_path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(prepared))
+    quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    return out_path
+
+
+def build_files(model, batches, out: Path, shape, method: str = "max", percentile: float = 99.99) -> dict:
+    """FP32, repq INT8 (ORT placement) and quantize_static files of the fused `model`."""
+    from reparam import fuse_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"fp32": out / "fp32.onnx", "repq_int8": out / f"repq_{method}.ort.onnx",
+             "ort_quantize_static": out / "quantize_static.onnx"}
+    files["fp32"].write_bytes(export_float(fuse_model(model).eval(), shape, 17, True).SerializeToString())
+    start = time.perf_counter()
+    q = quantize(model, batches, method, percentile)
+    export_onnx(q, files["repq_int8"], "onnxruntime", shape, dynamic_batch=True)
+    print(f"  repq PTQ ({method}) + export: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    start = time.perf_counter()
+    ort_quantize_static(files["fp32"], files["ort_quantize_static"], batches)
+    print(f"  ORT quantize_static: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return files
+
+
+def interleaved_latency(engines: dict, image_shape, batch: int, runs: int, rounds: int, warmup: int = 3) -> dict:
+    """Latency of each engine, `runs` timed runs split over `rounds` interleaved rounds."""
+    rng = np.random.default_rng(0)
+    feed = rng.standard_normal((batch, *image_shape), dtype=np.float32)
+    times = {name: [] for name in engines}
+    per_round = -(-runs // rounds)
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            times[name] += time_calls(lambda e=engine: e(feed), warmup=warmup, runs=per_round)
+    return {name: latency_stats(t, batch) for name, t in times.items()}
+
+
+def run_speed(args) -> dict:
+    from reparam import create_model
+
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=1000).eval()
+    shape = (1, 3, args.size, args.size)
+    batches = calibration_batches(args.data, args.calib_images, args.size, batch=16)
+    files = build_files(model, batches, Path(args.out) / f"{args.model}_{args.size}", shape)
+    engines = {name: OrtEngine(path, threads=args.threads) for name, path in files.items()}
+    result = {"model": f"{args.model} fused, {args.size}x{args.size}", "threads": engines["fp32"].threads,
+              "ops": {name: dict(optimized_op_types(path)) for name, path in files.items()}, "batches": {}}
+    for batch in args.batches:
+        stats = interleaved_latency(engines, shape[1:], batch, args.runs, args.rounds)
+        fp32 = stats["fp32"]
+        result["batches"][batch] = {
+            name: {**s.as_dict(), "speedup_vs_fp32": fp32.median_ms / s.median_ms} for name, s in stats.items()
+        }
+        for name, s in stats.items():
+            print(f"  batch {batch} {name:>20}: median {s.median_ms:8.2f} ms, p90 {s.p90_ms:8.2f} ms, "
+                  f"{s.fps:7.1f} img/s, x{fp32.median_ms / s.median_ms:.2f} vs FP32", file=sys.stderr)
+    return result
+
+
+def evaluate(path: Path, val_loader, threads) -> float:
+    return OrtEngine(path, threads=threads).evaluate(val_loader)["top1"]
+
+
+def run_accuracy(args) -> dict:
+    from calibration.datasets import load_data
+    from pipeline.train import load_model_checkpoint
+
+    data = load_data(str(args.data), val_size=5000, seed=0)
+    val = [(x, y) for x, y in _val_batches(data, args.val_images)]
+    batches = calibration_batches(data, args.calib_images, None)
+    rows = {}
+    for ckpt in args.ckpt:
+        model, _ = load_model_checkpoint(ckpt)
+        model.eval()
+        name = f"{model.repq_arch['name']} ({Path(ckpt).parent.name})"
+        size = data.preset.image_size
+        out = Path(args.out) / Path(ckpt).parent.name
+        print(f"{name}:", file=sys.stderr)
+        files = build_files(model, batches, out, (1, 3, size, size), "max")
+        row = {"fp32": evaluate(files["fp32"], val, args.threads),
+               "ort_quantize_static": evaluate(files["ort_quantize_static"], val, args.threads)}
+        for method in args.calibrators:
+            label = f"ptq_{method}" + (f"_{args.percentile}" if method == "percentile" else "")
+            q = quantize(model, batches, method, args.percentile)
+            path = export_onnx(q, out / f"{label}.ort.onnx", "onnxruntime", (1, 3, size, size), dynamic_batch=True)
+            row[label] = evaluate(path, val, args.threads)
+            print(f"  {label}: {row[label]:.2f}", file=sys.stderr)
+        if args.qat_epochs:
+            from quant.toolkit_qat import qat
+
+            q = quantize(model, batches, args.qat_calibrator, args.percentile)
+            q = qat(q, data, out / "qat", epochs=args.qat_epochs, lr=args.qat_lr, batch_size=128,
+                    max_steps_per_epoch=args.qat_steps)["model"]
+            path = export_onnx(q, out / "qat.ort.onnx", "onnxruntime", (1, 3, size, size), dynamic_batch=True)
+            row[f"qat_{args.qat_epochs}ep"] = evaluate(path, val, args.threads)
+        rows[name] = row
+        print(f"  {json.dumps(row)}", file=sys.stderr)
+    return {"val_images": len(val) and sum(len(y) for _, y in val), "rows": rows}
+
+
+def _val_batches(data, limit: int | None):
+    from calibration.loaders import build_loaders
+
+    _, val = build_loaders(data, 128, eval_batch_size=256)
+    seen = 0
+    for images, labels in val:
+        if limit is not None and seen >= limit:
+            break
+        seen += len(labels)
+        yield images, labels
+
+
+def markdown(result: dict) -> str:
+    lines = []
+    if "speed" in result:
+        speed = result["speed"]
+        lines += [f"### Speed: {speed['model']}, ONNX Runtime CPU, {speed['threads']} threads", "",
+                  "| batch | engine | median ms | p90 ms | img/s | x FP32 |", "|---|---|---|---|---|---|"]
+        for batch, engines in speed["batches"].items():
+            for name, s in engines.items():
+                lines.append(f"| {batch} | {name} | {s['median_ms']:.2f} | {s['p90_ms']:.2f} | {s['fps']:.1f} | "
+                             f"{s['speedup_vs_fp32']:.2f} |")
+        lines.append("")
+    if "accuracy" in result:
+        rows = result["accuracy"]["rows"]
+        columns = sorted({c for r in rows.values() for c in r}, key=lambda c: (c != "fp32", c))
+        lines += [f"### Top-1 on the engine ({result['accuracy']['val_images']} validation images)", "",
+                  "| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for name, row in rows.items():
+            lines.append(f"| {name} | " + " | ".join(f"{row[c]:.2f}" if c in row else "-" for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=["speed", "accuracy", "all"])
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--out", default="runs/bench_ort_int8")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--calib-images", type=int, default=512)
+    parser.add_argument("--model", default="repvgg_a0")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--ckpt", action="append", default=[])
+    parser.add_argument("--calibrators", nargs="+", default=["max", "entropy", "percentile", "mse"])
+    parser.add_argument("--percentile", type=float, default=99.99)
+    parser.add_argument("--val-images", type=int, default=None)
+    parser.add_argument("--qat-epochs", type=int, default=0)
+    parser.add_argument("--qat-lr", type=float, default=1e-3)
+    parser.add_argument("--qat-steps", type=int, default=None)
+    parser.add_argument("--qat-calibrator", default="max")
+    args = parser.parse_args(argv)
+    result = {}
+    if args.what in ("speed", "all"):
+        result["speed"] = run_speed(args)
+    if args.what in ("accuracy", "all"):
+        result["accuracy"] = run_accuracy(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.what}.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / f"{args.what}.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
