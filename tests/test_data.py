@@ -171,3 +171,17 @@ def test_bad_data_errors_name_the_problem(tmp_path):
         load_data(tmp_path / "broken", val_size=2, cache_dir=tmp_path / "cache")
     with pytest.raises(RepqError, match="NaN/Inf"):
         check_finite(torch.tensor([0.0, float("nan"), float("inf")]), "batch 0")
+
+
+def test_large_images_get_imagenet_transforms_decoded_per_item(tmp_path):
+    _write_tree(tmp_path / "tree", {"a": 3, "b": 3}, size=80)
+    data = load_data(tmp_path / "tree", val_size=2)
+    assert data.preset.name == "imagenet" and data.train.source.pixels is None  # decoded per item
+    x, _ = data.val[0]
+    assert x.shape == (3, 224, 224)
+    data.train.set_epoch(0)
+    a, _ = data.train[1]
+    b, _ = data.train[1]
+    data.train.set_epoch(1)
+    c, _ = data.train[1]
+    assert a.shape == (3, 224, 224) and torch.equal(a, b) and not torch.equal(a, c)

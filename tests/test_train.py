@@ -15,7 +15,9 @@ import torch
 from pipeline.train import (
     TrainSettings,
     load_model_checkpoint,
+    make_optimizer,
     parameter_groups,
+    regularizer,
     train,
     warmup_cosine,
 )
@@ -83,6 +85,18 @@ def test_weight_decay_skips_bn_and_bias_and_what_custom_l2_covers(l2):
         assert branch_weights <= decayed
     else:  # RepVGG's custom L2 regularises these through the loss instead
         assert not branch_weights & decayed
+    adamw = make_optimizer(model, TrainSettings(l2=l2, optimizer="adamw", lr=1e-3))
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in adamw.param_groups] == [5e-4, 0.0]
+
+
+def test_custom_l2_enters_the_loss_only_when_chosen():
+    from reparam import custom_l2
+
+    model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125)
+    assert regularizer(model, TrainSettings(l2="plain")) == 0.0
+    term = regularizer(model, TrainSettings(l2="custom", weight_decay=1e-3))
+    assert torch.isclose(term, 0.5 * 1e-3 * custom_l2(model)) and term.requires_grad
 
 
 def test_kill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
