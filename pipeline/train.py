@@ -316,16 +316,18 @@ def train(
     out_dir: str | Path,
     resume: bool = False,
     on_step: Callable[[int, int], None] | None = None,
+    recipe: dict | None = None,
 ) -> dict:
     """Train `settings.model` on `data` (an ImageData, `digits` or an ImageFolder path) into `out_dir`.
 
     Runs as one process, or as one rank of a torchrun group (NCCL on GPUs, gloo on CPUs); only rank 0 writes.
     `resume=True` continues from `out_dir/last.pt`. `on_step(epoch, global_step)` is called after every step.
+    `recipe` (the whole recipe, as a dict) is stored in every checkpoint beside the training settings.
     Returns a summary: best and last validation metrics and the checkpoint paths.
     """
     ctx = init_distributed(settings.device)
     try:
-        return _train(settings, data, Path(out_dir), resume, on_step, ctx)
+        return _train(settings, data, Path(out_dir), resume, on_step, ctx, recipe)
     finally:
         close_distributed(ctx)
 
@@ -346,7 +348,7 @@ def _val_size(settings: TrainSettings) -> float | int:
     return settings.val_size if settings.val_size < 1 else int(settings.val_size)
 
 
-def _train(settings, data, out: Path, resume, on_step, ctx: DistContext) -> dict:
+def _train(settings, data, out: Path, resume, on_step, ctx: DistContext, recipe) -> dict:
     last_path, best_path = out / "last.pt", out / "best.pt"
     if not resume and last_path.exists():
         raise RepqError(f"{out} already holds a training run: pass --resume to continue it or choose another "
@@ -394,7 +396,7 @@ def _train(settings, data, out: Path, resume, on_step, ctx: DistContext) -> dict
         best = max(best, record["val_top1"])
         if ctx.is_main:
             _report(record, settings.epochs)
-            ckpt = _checkpoint(model, optimizer, scheduler, epoch + 1, settings, data, history)
+            ckpt = _checkpoint(model, optimizer, scheduler, epoch + 1, settings, data, history, recipe)
             atomic_save(ckpt, last_path)
             if improved:
                 atomic_save(ckpt, best_path)
@@ -473,7 +475,7 @@ def _report(record: dict, epochs: int) -> None:
           flush=True)
 
 
-def _checkpoint(model, optimizer, scheduler, epoch, settings, data: ImageData, history) -> dict:
+def _checkpoint(model, optimizer, scheduler, epoch, settings, data: ImageData, history, recipe) -> dict:
     return {
         "version": CHECKPOINT_VERSION,
         "arch": model.repq_arch,
@@ -485,6 +487,7 @@ def _checkpoint(model, optimizer, scheduler, epoch, settings, data: ImageData, h
         "settings": settings.model_dump(),
         "data": data.describe(),
         "history": history,
+        "recipe": recipe,
     }
 
 

@@ -145,7 +145,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
 
 
 def test_run_folder_contract_and_deploy_check(tmp_path):
-    summary = train(TrainSettings(**TINY), "digits", tmp_path / "run")
+    summary = train(TrainSettings(**TINY), "digits", tmp_path / "run", recipe={"name": "tiny", "seed": 0})
     out = tmp_path / "run"
     assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -157,6 +157,7 @@ def test_run_folder_contract_and_deploy_check(tmp_path):
     assert torch.load(out / "best.pt", weights_only=True)["epoch"] == best_epoch == summary["best"]["epoch"]
     model, ckpt = load_model_checkpoint(out / "last.pt", expect_arch="repvgg_a0")
     assert ckpt["data"]["classes"] == [str(i) for i in range(10)] and ckpt["settings"]["l2"] == "plain"
+    assert ckpt["recipe"] == {"name": "tiny", "seed": 0} and ckpt["epoch"] == 2 and "rng" in ckpt
     x = torch.randn(2, 3, 32, 32)
     assert model.eval()(x).shape == (2, 10)
     with pytest.raises(RepqError, match="already holds a training run"):
