@@ -45,7 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="ImageFolder for calibration and evaluation")
+    p.add_argument(
+        "--data",
+        default=str(DEFAULT_DATA),
+        help="ImageFolder (or `digits` with --checkpoint) for calibration and evaluation",
+    )
     p.add_argument("--calib-images", type=int, default=64)
     p.add_argument("--eval-images", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="CPU threads per engine (0: the CPU count)")
@@ -123,21 +127,16 @@ def load_model(args, calib: torch.Tensor):
     from reparam import create_model
 
     torch.manual_seed(args.seed)
-    model = create_model(args.model, num_classes=args.num_classes)
-    if not args.checkpoint:
-        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        for norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None  # a plain average over the calibration batches
-        model.train()
-        with torch.no_grad():
-            for start in range(0, len(calib), 16):
-                model(calib[start : start + 16])
-    else:
+    if args.checkpoint:
         from reparam.io import load_checkpoint
 
-        state = load_checkpoint(args.checkpoint)
-        state = state.get("model", state.get("state_dict", state))
+        checkpoint = load_checkpoint(args.checkpoint)
+        arch = checkpoint.get("arch")  # a repq checkpoint says how to rebuild its model
+        if arch:
+            model = create_model(arch["name"], **arch.get("kwargs", {}))
+        else:
+            model = create_model(args.model, num_classes=args.num_classes)
+        state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
         try:
             model.load_state_dict(state)
         except RuntimeError as err:
@@ -145,6 +144,16 @@ def load_model(args, calib: torch.Tensor):
                 f"{args.checkpoint} does not match {args.model} with {args.num_classes} classes "
                 f"({str(err).splitlines()[0]}): pass the right --model/--num-classes"
             ) from err
+        return model.eval()
+    model = create_model(args.model, num_classes=args.num_classes)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a plain average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(calib), 16):
+            model(calib[start : start + 16])
     return model.eval()
 
 
