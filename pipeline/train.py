@@ -8,6 +8,7 @@ settings and the metrics history.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -317,17 +318,20 @@ def train(
     resume: bool = False,
     on_step: Callable[[int, int], None] | None = None,
     recipe: dict | None = None,
+    initial_model: nn.Module | None = None,
 ) -> dict:
     """Train `settings.model` on `data` (an ImageData, `digits` or an ImageFolder path) into `out_dir`.
 
     Runs as one process, or as one rank of a torchrun group (NCCL on GPUs, gloo on CPUs); only rank 0 writes.
     `resume=True` continues from `out_dir/last.pt`. `on_step(epoch, global_step)` is called after every step.
+    `initial_model` starts from that model (weights and `repq_arch`) instead of building `settings.model`:
+    fine-tuning after a substitution.
     `recipe` (the whole recipe, as a dict) is stored in every checkpoint beside the training settings.
     Returns a summary: best and last validation metrics and the checkpoint paths.
     """
     ctx = init_distributed(settings.device)
     try:
-        return _train(settings, data, Path(out_dir), resume, on_step, ctx, recipe)
+        return _train(settings, data, Path(out_dir), resume, on_step, ctx, recipe, initial_model)
     finally:
         close_distributed(ctx)
 
@@ -348,14 +352,17 @@ def _val_size(settings: TrainSettings) -> float | int:
     return settings.val_size if settings.val_size < 1 else int(settings.val_size)
 
 
-def _train(settings, data, out: Path, resume, on_step, ctx: DistContext, recipe) -> dict:
+def _train(settings, data, out: Path, resume, on_step, ctx: DistContext, recipe, initial_model=None) -> dict:
     last_path, best_path = out / "last.pt", out / "best.pt"
     if not resume and last_path.exists():
         raise RepqError(f"{out} already holds a training run: pass --resume to continue it or choose another "
                         "--out")
     data = _load_data_once(settings, data, ctx)
     seed_everything(settings.seed)
-    model = build_model(settings, data.num_classes, cifar=data.preset.image_size <= 64).to(ctx.device)
+    if initial_model is None:
+        model = build_model(settings, data.num_classes, cifar=data.preset.image_size <= 64).to(ctx.device)
+    else:
+        model = copy.deepcopy(initial_model).to(ctx.device)
     channels_last = settings.channels_last and ctx.device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
