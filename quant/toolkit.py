@@ -81,7 +81,26 @@ def deploy_copy(model: nn.Module, fuse: bool = True) -> nn.Module:
         return copy.deepcopy(model)
     from reparam import fuse_model
 
-    return fuse_model(model)
+    return fold_batchnorm(fuse_model(model))
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every Conv2d -> BatchNorm2d pair (plain CNNs: ResNet-18) into the conv, as TensorRT would.
+
+    Re-param blocks fuse their own BNs; this covers the BNs that sit beside ordinary convs, so the quantized
+    weight is the one the engine runs. Uses torch.fx; a model fx cannot trace is returned unchanged.
+    """
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return model
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        folded = fuse(model.eval())
+    except Exception:  # noqa: BLE001 -- untraceable control flow: keep the BNs, quantization still works
+        return model
+    if hasattr(model, "repq_arch"):
+        folded.repq_arch = model.repq_arch
+    return folded
 
 
 def check_skip_layers(model: nn.Module, skip_layers: Sequence[str]) -> None:
