@@ -132,3 +132,26 @@ def test_bad_calibration_input(calib):
         settings("minmax")
     with pytest.raises(RepqError, match="percentile"):
         settings("percentile", percentile=95.0)
+
+
+def test_qat_fine_tunes_with_the_training_loop_and_saves_amax(tmp_path):
+    from calibration.datasets import load_data
+    from calibration.loaders import calibration_loader
+    from quant.toolkit_qat import qat
+    from reparam import create_model
+
+    data = load_data("digits")
+    model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125).eval()
+    q = quantize(model, calibration_loader(data, 64, 64), "max")
+    amax_before = float(quantized_layers(q)["stem.0.reparam_conv"].input_quantizer.amax)
+    weight_before = q.stem[0].reparam_conv.weight.detach().clone()
+    result = qat(q, data, tmp_path / "qat", epochs=1, lr=0.05, batch_size=64, max_steps_per_epoch=2)
+    assert len(result["history"]) == 1 and 0 <= result["history"][0]["val_top1"] <= 100
+    assert not torch.equal(q.stem[0].reparam_conv.weight, weight_before)  # gradients reached the weights
+    restored = load_quantized(tmp_path / "qat" / "last.pt")  # no float model, no recalibration
+    assert float(quantized_layers(restored)["stem.0.reparam_conv"].input_quantizer.amax) == amax_before
+    x = calibration_loader(data, 8, 8).dataset.tensors[0]
+    with torch.no_grad():
+        assert torch.equal(restored(x), q(x))
+    with pytest.raises(RepqError, match="already holds a QAT run"):
+        qat(q, data, tmp_path / "qat", epochs=1)
