@@ -1,0 +1,147 @@
+"""RepQ paper's Table 2 layout, filled with our measurements on a CIFAR-10 model from the training stage.
+
+For each method (Merged / RepQ-BN / RepQ-BNEst; Plain when --plain-checkpoint is given) and bit width, it
+fine-tunes the same full-precision checkpoint with the same budget, then measures val top-1 of the fake-quant
+PyTorch model and, for 8-bit, of the exported QDQ file in ONNX Runtime. It also reports how well BNEst's
+variance estimate (equation 6) matches the exact batch variance on real activations (not asserted anywhere).
+
+    python bench/repq_table.py --checkpoint runs/cifar/best.pt --epochs 0.5 --out /tmp/repq_table
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from calibration.datasets import load_data  # noqa: E402
+from calibration.loaders import build_loaders  # noqa: E402
+from engines.onnxruntime import OrtEngine  # noqa: E402
+from pipeline.commands.finetune import export_quantized, finetune, quantized_model  # noqa: E402
+from pipeline.distributed import init_distributed  # noqa: E402
+from pipeline.train import evaluate, load_model_checkpoint  # noqa: E402
+from quant.repq import RepQBlock, conv_batch_stats, estimated_stats, wrap_model  # noqa: E402
+
+LABELS = {"plain": "Plain", "merged": "Merged", "bn": "RepQ-BN", "bnest": "RepQ-BNEst", "repq": "RepQ"}
+
+
+@torch.no_grad()
+def bnest_variance_report(model: torch.nn.Module, images: torch.Tensor) -> dict:
+    """Ratio estimated / exact batch variance of every BN input, on real activations (eval-mode forward)."""
+    wrapped = wrap_model(copy.deepcopy(model), "bn", quantize_plain=False).eval()
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(id(mod), args[0]))
+             for m in wrapped.modules() if isinstance(m, RepQBlock)]
+    for m in wrapped.modules():
+        if isinstance(m, RepQBlock):
+            m.input_quantizer.enabled = m.weight_quantizer.enabled = False
+    wrapped(images)
+    for h in hooks:
+        h.remove()
+    mean_ratio, var_ratio = [], []
+    for m in wrapped.modules():
+        if not isinstance(m, RepQBlock):
+            continue
+        x = inputs[id(m)]
+        x_var, x_mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+        for name, tap in m.block.bn_taps().items():
+            weight, bias = tap.kernel(None)
+            mean, var, _ = conv_batch_stats(x, [(name, tap, weight, bias)])[name]
+            est_mean, est_var = estimated_stats(x_mean, x_var, weight, bias, tap.groups)
+            var_ratio += (est_var / var.clamp_min(1e-12)).tolist()
+            mean_ratio += ((est_mean - mean).abs() / var.sqrt().clamp_min(1e-6)).tolist()
+    var_t, mean_t = torch.tensor(var_ratio), torch.tensor(mean_ratio)
+    return {"bn_channels": len(var_ratio),
+            "var_ratio_median": float(var_t.median()), "var_ratio_p10": float(var_t.quantile(0.1)),
+            "var_ratio_p90": float(var_t.quantile(0.9)),
+            "mean_error_in_std_median": float(mean_t.median()), "mean_error_in_std_p90": float(mean_t.quantile(0.9))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="FP32 re-param checkpoint (repq train)")
+    parser.add_argument("--plain-checkpoint", help="FP32 checkpoint of a plain model, for the Plain row")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "cifar10"))
+    parser.add_argument("--methods", default="merged,bn,bnest")
+    parser.add_argument("--bits", default="8,4")
+    parser.add_argument("--epochs", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, help="fine-tuning steps (overrides --epochs)")
+    parser.add_argument("--val-images", type=int, help="evaluate on the first N val images only")
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--act-unsigned-below-8", action="store_true",
+                        help="unsigned activations for < 8 bits (simulation; not exportable for TensorRT)")
+    parser.add_argument("--out", default="/tmp/repq_table")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_data(args.data, val_size=5000, seed=0)
+    train_loader, val_loader = build_loaders(data, args.batch_size, seed=0)
+    if args.val_images:
+        val_loader = _first(val_loader, args.val_images)
+    epochs = args.steps / len(train_loader) if args.steps else args.epochs
+    ctx = init_distributed("cpu")
+    fp_model, _ = load_model_checkpoint(args.checkpoint)
+    fp_top1 = evaluate(copy.deepcopy(fp_model), val_loader, ctx)["top1"]
+    images = next(iter(val_loader))[0][:256]
+    results = {"fp32_top1": fp_top1, "checkpoint": args.checkpoint, "epochs": epochs, "lr": args.lr,
+               "val_images": args.val_images or 5000,
+               "bnest_variance": bnest_variance_report(fp_model, images), "rows": []}
+    print(f"FP32 {fp_top1:.2f}%  BNEst on real activations: {results['bnest_variance']}", flush=True)
+    sources = {m: fp_model for m in args.methods.split(",")}
+    if args.plain_checkpoint:
+        sources["plain"] = load_model_checkpoint(args.plain_checkpoint)[0]
+    for method, source in sources.items():
+        for bits in (int(b) for b in args.bits.split(",")):
+            torch.manual_seed(0)
+            signed = not (args.act_unsigned_below_8 and bits < 8)
+            model = quantized_model(copy.deepcopy(source), "merged" if method == "plain" else method, bits, bits,
+                                    signed)
+            losses = finetune(model, train_loader, epochs, args.lr, log=lambda s: print("  " + s, flush=True))
+            row = {"method": method, "bits": bits, "act_signed": signed, "steps": len(losses),
+                   "fake_quant_top1": evaluate(model, val_loader, ctx)["top1"]}
+            if bits == 8:
+                path = export_quantized(model, out / f"{method}_w8a8.onnx", "tensorrt", (1, *images.shape[1:]),
+                                        dynamic_batch=True)
+                row["ort_top1"] = OrtEngine(path).evaluate(val_loader)["top1"]
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            (out / "table.json").write_text(json.dumps(results, indent=2))
+    print(markdown(results))
+    (out / "table.md").write_text(markdown(results))
+
+
+def _first(loader, count: int) -> list:
+    """The first ``count`` images of a val loader, as a list of batches (same order every time)."""
+    batches, seen = [], 0
+    for images, labels in loader:
+        take = min(len(labels), count - seen)
+        batches.append((images[:take], labels[:take]))
+        seen += take
+        if seen >= count:
+            break
+    return batches
+
+
+def markdown(results: dict) -> str:
+    lines = ["| Method | 32 (FP) | 8 (fake-quant) | 8 (ORT, QDQ file) | 4 (fake-quant) |", "|---|---|---|---|---|"]
+    by = {(r["method"], r["bits"]): r for r in results["rows"]}
+    for method in dict.fromkeys(r["method"] for r in results["rows"]):
+        r8, r4 = by.get((method, 8), {}), by.get((method, 4), {})
+        fp = f"{results['fp32_top1']:.2f}" if method != "plain" else "-"
+        cells = [f"{r8['fake_quant_top1']:.2f}" if r8 else "-", f"{r8['ort_top1']:.2f}" if "ort_top1" in r8 else "-",
+                 f"{r4['fake_quant_top1']:.2f}" if r4 else "-"]
+        lines.append(f"| {LABELS[method]} | {fp} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
