@@ -107,7 +107,7 @@ TrainSettings = _train_stage_settings()
 
 class SubstituteSettings(StageSettings):
     to: Literal["qarepvgg"] = "qarepvgg"
-    epochs: int = Field(6, ge=0, description="training of the substituted model")
+    epochs: int = Field(6, ge=1, description="training of the substituted model (its post-BN starts fresh)")
     lr: float = Field(0.05, gt=0)
 
 
@@ -117,8 +117,7 @@ class PTQSettings(StageSettings):
     )
     calib_size: int = Field(512, ge=1, description="calibration images drawn from the training split")
     percentile: Literal[99.9, 99.99, 99.999] = 99.99
-    bits: int = Field(8, ge=2, le=8)
-    per_channel: bool = True
+    skip_layers: list[str] = Field(default_factory=list, description="Conv/Linear names kept in float")
 
 
 class QATSettings(StageSettings):
@@ -131,8 +130,9 @@ class QATSettings(StageSettings):
 class RepQSettings(StageSettings):
     modes: list[Literal["repq", "bn", "bnest"]] = Field(default_factory=lambda: ["repq"], min_length=1)
     bits: list[int] = Field(default_factory=lambda: [8], min_length=1)
-    epochs: int = Field(3, ge=0)
+    epochs: float = Field(3, gt=0, description="may be fractional")
     lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(128, ge=1)
 
     @field_validator("bits")
     @classmethod

@@ -139,9 +139,16 @@ def as_result(value: Any) -> StageResult:
     raise TypeError(f"a stage function returns StageResult, a dict or None, not {type(value).__name__}")
 
 
-# The real stages, one line each (the runner renders the report after the last stage, see runfolder.py), e.g.
-#   register("train", "pipeline.train:train_stage", needs=(), distributed=True)
-#   register("substitute", "reparam.substitute_stage:run", needs=("train",), distributed=True)
-#   register("ptq", "quant.toolkit:ptq_stage", needs=("train", "substitute"))
-# A stage's metrics feed the report: "ladder" entries and "methods" rows (see engines/report.py); an output
-# named "checkpoint" or "fused" gets weight violins; a *.jsonl file in its folder gets training curves.
+# The real stages (pipeline/run_stages.py): name, the stages whose outputs it reads, whether it runs on every
+# torchrun rank. A stage's metrics feed the report: "ladder" entries and "methods" rows (engines/report.py); an
+# output named "checkpoint" or "fused" gets weight violins; a *.jsonl file in its folder gets training curves.
+for _name, _needs, _distributed in (
+    ("train", (), True),
+    ("substitute", ("train",), True),
+    ("ptq", ("train", "substitute"), False),
+    ("repq", ("train", "substitute"), False),
+    ("export", ("train", "substitute", "ptq", "qat", "repq"), False),
+    ("engine", ("export",), False),
+    ("bench", ("export",), False),
+):
+    register(_name, f"pipeline.run_stages:{_name}_stage", needs=_needs, distributed=_distributed)

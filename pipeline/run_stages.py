@@ -1,0 +1,307 @@
+"""The stages of `repq run`: each reads earlier stages' artifacts and writes its own into ``ctx.dir``.
+
+Every stage reports two kinds of metrics for the report (engines/report.py): ``ladder`` entries (the same
+method's top-1 at each step: train form -> fused -> fake-quant PyTorch -> QDQ ONNX in ONNX Runtime -> the INT8
+engine) and ``methods`` rows (accuracy on an engine, latency, throughput, size), merged by method/bits/engine.
+A quantized artifact is named by its method (``qarepvgg_a0 PTQ max``, ``qarepvgg_a0 RepQ-bnest W4A4``), and
+that name follows it through export, engine and bench.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.stages import StageContext
+from reparam.errors import RepqError
+
+FLOAT_LABEL = "FP32"
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+@functools.lru_cache(maxsize=4)
+def _load(source: str, preset: str, val_size: float, split_seed: int):
+    from calibration.datasets import load_data
+
+    return load_data(source, preset=preset, val_size=int(val_size) if val_size >= 1 else val_size, seed=split_seed)
+
+
+def _data(ctx: StageContext):
+    d = ctx.recipe.data
+    return _load(d.source, d.preset, d.val_size, d.split_seed)
+
+
+def _val_loader(data):
+    from calibration.loaders import build_loaders
+
+    return build_loaders(data, min(64, len(data.train)), eval_batch_size=256)[1]
+
+
+def _torch_accuracy(model: torch.nn.Module, loader) -> dict:
+    from engines.timing import topk_accuracy
+
+    model.eval()
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(images)).float().numpy()
+
+    return topk_accuracy(predict, loader)
+
+
+def _slug(method: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", method).strip("_").lower()
+
+
+def _checkpoints(ctx: StageContext) -> dict[str, tuple[Path, dict]]:
+    """label -> (checkpoint, its train/fused ladder metrics) of every upstream training stage."""
+    found = {}
+    for record in ctx.upstream.values():
+        if "checkpoint" in record.outputs:
+            found[record.metrics["label"]] = (record.outputs["checkpoint"], record.metrics)
+    if not found:
+        raise RepqError(f"stage {ctx.name} needs a trained checkpoint: enable stages.train")
+    return found
+
+
+def _float_ladder(method: str, trained: dict) -> list[dict]:
+    return [{"step": "train", "method": method, "top1": trained["val_top1"]},
+            {"step": "fused", "method": method, "top1": trained["deploy_val_top1"]}]
+
+
+def _quantized_artifacts(ctx: StageContext) -> dict[str, tuple[str, Path]]:
+    """method -> (kind, file) of every quantized model written upstream (kind: toolkit or repq)."""
+    artifacts = {}
+    for record in ctx.upstream.values():
+        for method, entry in record.metrics.get("artifacts", {}).items():
+            artifacts[method] = (entry["kind"], record.dir / entry["file"])
+    return artifacts
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def _trained_result(summary: dict, label: str) -> dict:
+    best = summary["best"]
+    return {"outputs": {"checkpoint": "best.pt", "last": "last.pt"},
+            "metrics": {"label": label, "epochs": summary["epochs"], "val_top1": best["val_top1"],
+                        "deploy_val_top1": best["deploy_val_top1"],
+                        "ladder": _float_ladder(label, best)}}
+
+
+def train_stage(ctx: StageContext):
+    from pipeline.recipe import train_settings
+    from pipeline.train import train
+
+    summary = train(train_settings(ctx.recipe), _data(ctx), ctx.dir,
+                    resume=ctx.resume and (ctx.dir / "last.pt").exists(), recipe=ctx.recipe.to_dict())
+    return None if ctx.rank else _trained_result(summary, ctx.recipe.model.name)
+
+
+def substitute_stage(ctx: StageContext):
+    """RepVGG -> QARepVGG blocks (weights carried), then training with plain L2 (the QARepVGG paper's M1)."""
+    from pipeline.recipe import train_settings
+    from pipeline.train import load_model_checkpoint, train
+    from reparam import substitute_qarepvgg
+
+    model, _ = load_model_checkpoint(ctx.input("train", "checkpoint"))
+    model = substitute_qarepvgg(model)
+    settings = train_settings(ctx.recipe).model_copy(
+        update={"epochs": ctx.settings.epochs, "lr": ctx.settings.lr, "l2": "plain", "warmup_epochs": 0})
+    summary = train(settings, _data(ctx), ctx.dir, resume=ctx.resume and (ctx.dir / "last.pt").exists(),
+                    recipe=ctx.recipe.to_dict(), initial_model=model)
+    label = ctx.recipe.model.name.replace("repvgg", "qarepvgg", 1) if ctx.recipe.model.name.startswith(
+        "repvgg") else f"{ctx.recipe.model.name}+qarepvgg"
+    return None if ctx.rank else _trained_result(summary, label)
+
+
+def ptq_stage(ctx: StageContext):
+    """ModelOpt PTQ of every trained checkpoint with every calibrator; fake-quant accuracy in PyTorch."""
+    from calibration.loaders import calibration_loader
+    from pipeline.train import load_model_checkpoint
+    from quant.toolkit import quantize, save_quantized
+
+    s, data = ctx.settings, _data(ctx)
+    calib = calibration_loader(data, min(s.calib_size, len(data.train)), seed=ctx.recipe.seed)
+    val = _val_loader(data)
+    artifacts, ladder = {}, []
+    for label, (path, trained) in _checkpoints(ctx).items():
+        model, _ = load_model_checkpoint(path)
+        for calibrator in s.calibrators:
+            method = f"{label} PTQ {calibrator}"
+            quantized = quantize(model.eval(), calib, calibrator, s.percentile, skip_layers=s.skip_layers)
+            file = f"{_slug(method)}.pt"
+            save_quantized(quantized, ctx.path(file), {"data": data.describe(), "source": str(path)})
+            artifacts[method] = {"kind": "toolkit", "file": file}
+            accuracy = _torch_accuracy(quantized, val)
+            ctx.log(f"  {method}: fake-quant top-1 {accuracy['top1']:.2f}%")
+            ladder += [*_float_ladder(method, trained), {"step": "fakequant", "method": method, **accuracy}]
+    return {"outputs": {}, "metrics": {"artifacts": artifacts, "ladder": ladder}}
+
+
+def repq_stage(ctx: StageContext):
+    """RepQ fine-tuning through each block's merged kernel, per mode and bit width (RepQ paper)."""
+    from calibration.loaders import build_loaders
+    from pipeline.commands.finetune import FORMAT, finetune, quantized_model
+    from pipeline.train import load_model_checkpoint
+    from reparam.io import atomic_save
+
+    s, data = ctx.settings, _data(ctx)
+    label = list(_checkpoints(ctx))[-1]
+    path, trained = _checkpoints(ctx)[label]
+    float_model, _ = load_model_checkpoint(path)
+    train_loader, val = build_loaders(data, min(s.batch_size, len(data.train)), seed=ctx.recipe.seed)
+    artifacts, ladder = {}, []
+    for mode in s.modes:
+        for bits in s.bits:
+            torch.manual_seed(ctx.recipe.seed)
+            method = f"{label} RepQ-{mode} W{bits}A{bits}"
+            model = quantized_model(copy.deepcopy(float_model), mode, bits, bits)
+            finetune(model, train_loader, s.epochs, s.lr, log=lambda line, m=method: ctx.log(f"  {m}: {line}"))
+            file = f"{_slug(method)}.pt"
+            atomic_save({"format": FORMAT, "arch": float_model.repq_arch, "quant": model.repq_quant,
+                         "state_dict": model.state_dict(), "data": data.describe()}, ctx.path(file))
+            artifacts[method] = {"kind": "repq", "file": file, "bits": bits}
+            ladder += _float_ladder(method, trained)
+            ladder.append({"step": "fakequant", "method": method, **_torch_accuracy(model, val)})
+    return {"outputs": {}, "metrics": {"artifacts": artifacts, "ladder": ladder}}
+
+
+def _load_quantized_model(kind: str, path: Path) -> torch.nn.Module:
+    from pipeline.commands.finetune import rebuild
+    from quant.toolkit import load_quantized
+    from reparam.io import load_checkpoint
+
+    return load_quantized(path) if kind == "toolkit" else rebuild(load_checkpoint(path))
+
+
+def export_stage(ctx: StageContext):
+    """QDQ ONNX per quantized model and per placement, plus the fused FP32 model as the engines' reference."""
+    from engines.export import export_float
+    from engines.targets import get_target
+    from pipeline.commands.finetune import export_quantized
+    from pipeline.train import load_model_checkpoint
+    from quant.toolkit import deploy_copy
+    from reparam.io import atomic_write_bytes
+
+    s, data = ctx.settings, _data(ctx)
+    shape = (1, 3, data.preset.image_size, data.preset.image_size)
+    meta = json.dumps(data.describe())
+    files = {}
+    for label, (path, _) in _checkpoints(ctx).items():
+        model, _ = load_model_checkpoint(path)
+        graph = export_float(deploy_copy(model.eval()), shape, s.opset, s.dynamic_batch)
+        graph.metadata_props.add(key="repq.data", value=meta)
+        file = f"{_slug(label)}_fp32.onnx"
+        atomic_write_bytes(ctx.path(file), graph.SerializeToString())
+        files[file] = {"method": f"{FLOAT_LABEL} {label}", "bits": 32, "placement": "float"}
+    placements = {get_target(t).placement for t in s.targets}
+    for method, (kind, path) in _quantized_artifacts(ctx).items():
+        model = _load_quantized_model(kind, path)
+        for placement in sorted(placements):
+            file = f"{_slug(method)}{get_target(placement).suffix}"
+            if kind == "repq":
+                export_quantized(model, ctx.path(file), placement, shape, opset=s.opset,
+                                 dynamic_batch=s.dynamic_batch)
+            else:
+                from engines.export import export_onnx
+
+                export_onnx(model, ctx.path(file), placement, shape, opset=s.opset, dynamic_batch=s.dynamic_batch)
+            _add_metadata(ctx.path(file), meta)
+            files[file] = {"method": method, "bits": _bits(method), "placement": placement}
+    return {"outputs": {}, "metrics": {"files": files}}
+
+
+def _bits(method: str) -> int:
+    match = re.search(r"W(\d)A\d", method)
+    return int(match.group(1)) if match else 8
+
+
+def _add_metadata(path: Path, data_json: str) -> None:
+    import onnx
+
+    from reparam.io import atomic_write_bytes
+
+    graph = onnx.load(str(path))
+    graph.metadata_props.add(key="repq.data", value=data_json)
+    atomic_write_bytes(path, graph.SerializeToString())
+
+
+def _engine_runs(ctx: StageContext):
+    """(file, entry, engine name) for every exported file and every engine target of the recipe that runs it.
+
+    ONNX Runtime also runs the TensorRT-placement file: that is the ladder's "QDQ ONNX" step.
+    """
+    from engines.targets import get_target
+
+    export = ctx.upstream.get("export")
+    if export is None:
+        raise RepqError(f"stage {ctx.name} needs the export stage: enable stages.export")
+    targets = ctx.recipe.stages.engine.targets
+    for file, entry in export.metrics["files"].items():
+        for target in targets:
+            row = get_target(target)
+            if entry["placement"] in ("float", row.placement):
+                yield export.dir / file, entry, target
+            elif target == "onnxruntime" and entry["placement"] == "tensorrt":
+                yield export.dir / file, entry, "onnxruntime (TensorRT placement)"
+
+
+def _open_engine(path: Path, target: str, threads: int | None = None):
+    if target.startswith("onnxruntime"):
+        from engines.onnxruntime import OrtEngine
+
+        return OrtEngine(path, threads=threads)
+    if target == "openvino":
+        from engines.openvino import OpenVinoEngine
+
+        return OpenVinoEngine(path, threads=threads)
+    raise RepqError(f"engine target {target} needs a GPU with TensorRT, which this machine lacks: build it in "
+                    "the Docker image (docker/README) or drop it from stages.engine.targets")
+
+
+def engine_stage(ctx: StageContext):
+    """Accuracy measured on each engine itself, over the validation split."""
+    from engines.targets import get_target
+
+    val = _val_loader(_data(ctx))
+    ladder, methods, skipped = [], [], []
+    for path, entry, target in _engine_runs(ctx):
+        if target in ("tensorrt",) and get_target(target).needs_gpu and not torch.cuda.is_available():
+            skipped.append(f"{target}: {path.name} (no GPU)")
+            continue
+        accuracy = _open_engine(path, target).evaluate(val)
+        if entry["placement"] == "tensorrt" and target.startswith("onnxruntime"):
+            ladder.append({"step": "qdq_onnx", "method": entry["method"], **accuracy})
+            continue
+        if entry["placement"] == "onnxruntime":
+            ladder.append({"step": "engine", "method": entry["method"], **accuracy})
+        methods.append({"method": entry["method"], "bits": entry["bits"], "engine": target, **accuracy})
+        ctx.log(f"  {entry['method']} on {target}: top-1 {accuracy['top1']:.2f}%")
+    return {"outputs": {}, "metrics": {"ladder": ladder, "methods": methods, "skipped": skipped}}
+
+
+def bench_stage(ctx: StageContext):
+    """Latency and throughput of each engine file at each batch size, and its size on disk."""
+    s = ctx.settings
+    data = _data(ctx)
+    image = (3, data.preset.image_size, data.preset.image_size)
+    methods = []
+    for path, entry, target in _engine_runs(ctx):
+        if target.startswith("onnxruntime (") or target == "tensorrt":
+            continue  # the QDQ-in-ORT step is a parity check, not an engine; TensorRT is timed by its own bench
+        engine = _open_engine(path, target, s.threads)
+        for stats in engine.benchmark(image, s.batch_sizes, warmup=s.warmup, runs=s.iters):
+            methods.append({"method": entry["method"], "bits": entry["bits"], "engine": target,
+                            "batch_size": stats.batch_size, "latency_ms": stats.median_ms,
+                            "p90_ms": stats.p90_ms, "throughput": stats.fps,
+                            "size_mb": path.stat().st_size / 1e6})
+    return {"outputs": {}, "metrics": {"methods": methods}}
