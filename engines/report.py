@@ -6,7 +6,8 @@ What a stage contributes is data in its manifest's ``metrics`` (see pipeline/run
   without a method (the train-form and fused FP32 models) apply to every method's row. The ladder shows where
   accuracy is lost on the way from the trained model to the INT8 engine.
 - ``methods``: rows ``{"method", "bits"?, "engine"?, "top1"?, "top5"?, "latency_ms"?, "throughput"?,
-  "size_mb"?, "batch_size"?}``. Rows with the same (method, bits, engine) from several stages are merged, so
+  "size_mb"?, "batch_size"?, "base"?}`` (``base``: the float model a quantized row comes from). Rows with the
+  same (method, bits, engine) from several stages are merged, so
   the engine stage can give accuracy and the bench stage latency. The INT8 drop is computed here.
 - Training curves: every ``*.jsonl`` file in a stage folder, one JSON object per line (``epoch``, numbers).
 - Weight violins: every stage output named ``fused`` (a fused model's checkpoint) or else ``checkpoint`` (a
@@ -38,8 +39,8 @@ LADDER_STEPS: dict[str, str] = {
 SHORT_STEPS = {"train": "train-form", "fused": "fused", "fakequant": "fake-quant", "qdq_onnx": "QDQ ONNX",
                "engine": "engine"}
 METHOD_COLUMNS = (
-    ("method", "Method"), ("bits", "Bits"), ("engine", "Engine"), ("batch_size", "Batch"), ("top1", "Top-1 %"),
-    ("top5", "Top-5 %"),
+    ("method", "Method"), ("bits", "Bits"), ("engine", "Engine"), ("batch_size", "Batch (latency/throughput)"),
+    ("top1", "Top-1 %"), ("top5", "Top-5 %"),
     ("int8_drop", "Drop vs FP32 (pts)"), ("latency_ms", "Latency (ms)"), ("throughput", "Throughput (img/s)"),
     ("size_mb", "Size (MB)"),
 )
@@ -67,9 +68,10 @@ def _is_fp32(row: dict) -> bool:
 
 
 def add_drops(methods: list[dict], ladder: list[dict]) -> list[dict]:
-    """``int8_drop`` = FP32 top-1 minus the row's top-1 (the FP32 row on the same engine, else any FP32 row,
-    else the fused FP32 model of the ladder)."""
-    fp32 = {row.get("engine"): row["top1"] for row in methods if _is_fp32(row) and "top1" in row}
+    """``int8_drop`` = FP32 top-1 minus the row's top-1. The reference is the FP32 row of the same float model
+    (``base``) on the same engine, else any FP32 row on that engine, else the fused FP32 model of the ladder."""
+    fp32 = {(row.get("base"), row.get("engine")): row["top1"] for row in methods if _is_fp32(row) and "top1" in row}
+    per_engine = {engine: top1 for (_, engine), top1 in fp32.items()}
     fallback = next(iter(fp32.values()), None)
     if fallback is None:
         fused = [e["top1"] for e in ladder if e.get("step") in ("fused", "train") and "top1" in e]
@@ -77,7 +79,8 @@ def add_drops(methods: list[dict], ladder: list[dict]) -> list[dict]:
     out = []
     for row in methods:
         row = dict(row)
-        reference = fp32.get(row.get("engine"), fallback)
+        engine = row.get("engine")
+        reference = fp32.get((row.get("base"), engine), per_engine.get(engine, fallback))
         if not _is_fp32(row) and "top1" in row and reference is not None:
             row["int8_drop"] = round(reference - row["top1"], 4)
         out.append(row)

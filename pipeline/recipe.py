@@ -145,7 +145,9 @@ class RepQSettings(StageSettings):
 
 class ExportSettings(StageSettings):
     targets: list[Literal["onnxruntime", "tensorrt", "openvino"]] = Field(
-        default_factory=lambda: ["onnxruntime"], min_length=1
+        default_factory=lambda: ["onnxruntime", "tensorrt"], min_length=1,
+        description="one QDQ file per placement: tensorrt's is the deployment artifact (ONNX Runtime runs it as "
+                    "the ladder's QDQ step); onnxruntime's holds QLinearConv for the CPU engine",
     )
     opset: int = Field(17, ge=13)
     dynamic_batch: bool = True
@@ -237,7 +239,7 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
         "substitute": {"epochs": 6},
         "ptq": {"calibrators": ["max", "entropy", "percentile", "mse"], "calib_size": 256},
         "repq": {"modes": ["repq"], "bits": [8], "epochs": 3},
-        "export": {"targets": ["onnxruntime"]},
+        "export": {"targets": ["onnxruntime", "tensorrt"]},
         "engine": {"targets": ["onnxruntime"]},
     },
 }

@@ -77,12 +77,13 @@ def _float_ladder(method: str, trained: dict) -> list[dict]:
             {"step": "fused", "method": method, "top1": trained["deploy_val_top1"]}]
 
 
-def _quantized_artifacts(ctx: StageContext) -> dict[str, tuple[str, Path]]:
-    """method -> (kind, file) of every quantized model written upstream (kind: toolkit or repq)."""
+def _quantized_artifacts(ctx: StageContext) -> dict[str, tuple[str, Path, str]]:
+    """method -> (kind, file, base) of every quantized model written upstream (kind: toolkit or repq; base: the
+    label of the float model it comes from)."""
     artifacts = {}
     for record in ctx.upstream.values():
         for method, entry in record.metrics.get("artifacts", {}).items():
-            artifacts[method] = (entry["kind"], record.dir / entry["file"])
+            artifacts[method] = (entry["kind"], record.dir / entry["file"], entry["base"])
     return artifacts
 
 
@@ -140,7 +141,7 @@ def ptq_stage(ctx: StageContext):
             quantized = quantize(model.eval(), calib, calibrator, s.percentile, skip_layers=s.skip_layers)
             file = f"{_slug(method)}.pt"
             save_quantized(quantized, ctx.path(file), {"data": data.describe(), "source": str(path)})
-            artifacts[method] = {"kind": "toolkit", "file": file}
+            artifacts[method] = {"kind": "toolkit", "file": file, "base": label}
             accuracy = _torch_accuracy(quantized, val)
             ctx.log(f"  {method}: fake-quant top-1 {accuracy['top1']:.2f}%")
             ladder += [*_float_ladder(method, trained), {"step": "fakequant", "method": method, **accuracy}]
@@ -169,7 +170,7 @@ def repq_stage(ctx: StageContext):
             file = f"{_slug(method)}.pt"
             atomic_save({"format": FORMAT, "arch": float_model.repq_arch, "quant": model.repq_quant,
                          "state_dict": model.state_dict(), "data": data.describe()}, ctx.path(file))
-            artifacts[method] = {"kind": "repq", "file": file, "bits": bits}
+            artifacts[method] = {"kind": "repq", "file": file, "base": label}
             ladder += _float_ladder(method, trained)
             ladder.append({"step": "fakequant", "method": method, **_torch_accuracy(model, val)})
     return {"outputs": {}, "metrics": {"artifacts": artifacts, "ladder": ladder}}
@@ -202,9 +203,9 @@ def export_stage(ctx: StageContext):
         graph.metadata_props.add(key="repq.data", value=meta)
         file = f"{_slug(label)}_fp32.onnx"
         atomic_write_bytes(ctx.path(file), graph.SerializeToString())
-        files[file] = {"method": f"{FLOAT_LABEL} {label}", "bits": 32, "placement": "float"}
+        files[file] = {"method": f"{FLOAT_LABEL} {label}", "bits": 32, "placement": "float", "base": label}
     placements = {get_target(t).placement for t in s.targets}
-    for method, (kind, path) in _quantized_artifacts(ctx).items():
+    for method, (kind, path, base) in _quantized_artifacts(ctx).items():
         model = _load_quantized_model(kind, path)
         for placement in sorted(placements):
             file = f"{_slug(method)}{get_target(placement).suffix}"
@@ -216,7 +217,7 @@ def export_stage(ctx: StageContext):
 
                 export_onnx(model, ctx.path(file), placement, shape, opset=s.opset, dynamic_batch=s.dynamic_batch)
             _add_metadata(ctx.path(file), meta)
-            files[file] = {"method": method, "bits": _bits(method), "placement": placement}
+            files[file] = {"method": method, "bits": _bits(method), "placement": placement, "base": base}
     return {"outputs": {}, "metrics": {"files": files}}
 
 
@@ -284,24 +285,29 @@ def engine_stage(ctx: StageContext):
             continue
         if entry["placement"] == "onnxruntime":
             ladder.append({"step": "engine", "method": entry["method"], **accuracy})
-        methods.append({"method": entry["method"], "bits": entry["bits"], "engine": target, **accuracy})
+        methods.append({"method": entry["method"], "bits": entry["bits"], "engine": target, "base": entry["base"],
+                        **accuracy})
         ctx.log(f"  {entry['method']} on {target}: top-1 {accuracy['top1']:.2f}%")
     return {"outputs": {}, "metrics": {"ladder": ladder, "methods": methods, "skipped": skipped}}
 
 
 def bench_stage(ctx: StageContext):
-    """Latency and throughput of each engine file at each batch size, and its size on disk."""
+    """Latency and throughput of each engine file at each batch size, and its size on disk.
+
+    The methods table shows latency at the smallest batch and throughput at the largest; metrics.json keeps
+    every batch size.
+    """
     s = ctx.settings
     data = _data(ctx)
     image = (3, data.preset.image_size, data.preset.image_size)
-    methods = []
+    methods, timings = [], []
     for path, entry, target in _engine_runs(ctx):
         if target.startswith("onnxruntime (") or target == "tensorrt":
             continue  # the QDQ-in-ORT step is a parity check, not an engine; TensorRT is timed by its own bench
-        engine = _open_engine(path, target, s.threads)
-        for stats in engine.benchmark(image, s.batch_sizes, warmup=s.warmup, runs=s.iters):
-            methods.append({"method": entry["method"], "bits": entry["bits"], "engine": target,
-                            "batch_size": stats.batch_size, "latency_ms": stats.median_ms,
-                            "p90_ms": stats.p90_ms, "throughput": stats.fps,
-                            "size_mb": path.stat().st_size / 1e6})
-    return {"outputs": {}, "metrics": {"methods": methods}}
+        stats = _open_engine(path, target, s.threads).benchmark(image, s.batch_sizes, warmup=s.warmup, runs=s.iters)
+        small, large = min(stats, key=lambda x: x.batch_size), max(stats, key=lambda x: x.batch_size)
+        methods.append({"method": entry["method"], "bits": entry["bits"], "engine": target,
+                        "batch_size": f"{small.batch_size}/{large.batch_size}", "latency_ms": small.median_ms,
+                        "throughput": large.fps, "size_mb": path.stat().st_size / 1e6})
+        timings += [{"method": entry["method"], "engine": target, **x.as_dict()} for x in stats]
+    return {"outputs": {}, "metrics": {"methods": methods, "timings": timings}}
