@@ -2,7 +2,8 @@
 
 Plain LSQ QAT = the fused (deploy-form) model with LSQ on every conv/linear: 100%. The RepQ variants train the
 re-param form through its merged kernels. Variants are interleaved round by round and the median step time is
-reported, so a shared, noisy CPU slows them alike.
+reported, so a shared, noisy CPU slows them alike; the process CPU time is reported too (less sensitive to
+other processes on a shared machine than wall time).
 
     python bench/repq_speed.py --model resnet18_acb --batch 32 --rounds 5 [--profile bn]
 """
@@ -69,18 +70,23 @@ def main() -> None:
         step()
         step()
     times: dict[str, list[float]] = {label: [] for label in steps}
+    cpu: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(args.rounds):
         for label, step in steps.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step()
             times[label].append(time.perf_counter() - start)
+            cpu[label].append(time.process_time() - start_cpu)
     base = statistics.median(times["plain LSQ QAT"])
+    base_cpu = statistics.median(cpu["plain LSQ QAT"])
     print(f"{args.model} batch {args.batch}x3x{args.size}x{args.size}, {args.bits}-bit, torch threads "
           f"{torch.get_num_threads()}, {args.rounds} interleaved rounds, stats_grad={not args.no_stats_grad}")
     for label, values in times.items():
         med = statistics.median(values)
-        print(f"  {label:14s} median {med * 1000:8.1f} ms  {100 * med / base:6.1f}%   "
-              f"(min {min(values) * 1000:.1f}, max {max(values) * 1000:.1f})")
+        med_cpu = statistics.median(cpu[label])
+        print(f"  {label:14s} wall median {med * 1000:8.1f} ms {100 * med / base:6.1f}% "
+              f"(min {min(values) * 1000:.1f}, max {max(values) * 1000:.1f})   "
+              f"CPU time median {med_cpu * 1000:8.1f} ms {100 * med_cpu / base_cpu:6.1f}%")
     if args.profile:
         label = {"plain": "plain LSQ QAT", "repq": "RepQ", "bn": "RepQ-BN", "bnest": "RepQ-BNEst"}[args.profile]
         from torch.profiler import profile

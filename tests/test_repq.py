@@ -318,3 +318,17 @@ def test_exported_deeper_model_differs_only_by_rounding_boundary_flips(tmp_path)
     got, expected = _ort_vs_torch(model, torch.randn(8, 3, 16, 16), tmp_path / "m.onnx")
     assert (got.argmax(1) == expected.argmax(1)).all()
     assert np.abs(got - expected).max() <= 1e-2 * np.abs(expected).max()
+
+
+def test_finetune_checkpoint_rebuilds_the_same_quantized_model():
+    from pipeline.commands.finetune import quantized_model, rebuild
+
+    torch.manual_seed(0)
+    float_model = create_model("qarepvgg_a0", num_classes=10, cifar=True, width_mult=0.125)
+    arch = dict(float_model.repq_arch)
+    model = quantized_model(float_model, "bnest", 4, 8)
+    x = torch.randn(4, 3, 8, 8)
+    model.train()(x)
+    rebuilt = rebuild({"arch": arch, "quant": model.repq_quant, "state_dict": model.state_dict()})
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), model.eval()(x))
