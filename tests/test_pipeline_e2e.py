@@ -1,0 +1,58 @@
+"""`repq run` with the real stages on the embedded digits, tiny settings: every stage runs, the parity ladder is
+consistent, the report is written, and a rerun redoes nothing."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+TINY = ["model.width_mult=0.125", "stages.train.epochs=1", "stages.train.max_steps_per_epoch=4",
+        "stages.train.batch_size=64", "stages.substitute.epochs=1", "stages.ptq.calibrators=['max']",
+        "stages.ptq.calib_size=64", "stages.repq.modes=['bnest']", "stages.repq.epochs=0.05",
+        "stages.repq.batch_size=64", "stages.bench.batch_sizes=[1,4]", "stages.bench.warmup=1",
+        "stages.bench.iters=3"]
+
+
+def repq_run(out, *extra):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--out", str(out), *TINY, *extra],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    done = repq_run(out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_every_stage_runs_and_the_report_is_written(run_dir):
+    for stage in ("train", "substitute", "ptq", "repq", "export", "engine", "bench"):
+        assert (run_dir / stage / "manifest.json").is_file(), stage
+    for name in ("report.md", "report.html", "metrics.json"):
+        assert (run_dir / name).is_file()
+
+
+def test_the_parity_ladder_is_consistent(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    ladder = {}
+    for entry in metrics["ladder"]:
+        ladder.setdefault(entry.get("method"), {})[entry["step"]] = entry["top1"]
+    ptq = ladder["qarepvgg_a0 PTQ max"]
+    assert set(ptq) == {"train", "fused", "fakequant", "qdq_onnx", "engine"}
+    assert ptq["train"] == pytest.approx(ptq["fused"], abs=1.0)  # the fused model is the same function
+    # The TensorRT-placement file in ONNX Runtime computes the fake-quant model (to float rounding).
+    assert ptq["qdq_onnx"] == pytest.approx(ptq["fakequant"], abs=1.2)
+    repq = ladder["qarepvgg_a0 RepQ-bnest W8A8"]
+    assert repq["qdq_onnx"] == pytest.approx(repq["fakequant"], abs=1.2)
+    rows = {(r["method"], r["engine"]) for r in metrics["methods"] if "latency_ms" in r and "top1" in r}
+    assert ("qarepvgg_a0 PTQ max", "onnxruntime") in rows and ("FP32 qarepvgg_a0", "onnxruntime") in rows
+
+
+def test_a_rerun_redoes_nothing(run_dir):
+    again = repq_run(run_dir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    log = again.stdout + again.stderr
+    assert "running" not in log.replace("repq run", "")
+    assert log.count("cached - skipping") == 7
