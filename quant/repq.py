@@ -287,6 +287,7 @@ def wrap_model(model: nn.Module, mode: str = "bnest", w_bits: int = 8, a_bits: i
         quantize_plain_layers(model, w_bits, a_bits, skip=(RepQBlock,), **settings)
     if first_last_bits is not None and min(w_bits, a_bits) < first_last_bits:
         _raise_bits(model, _first_last(model), first_last_bits, **settings)
+    sign_first_input(model)
     model.repq_quant = {"method": "repq", "mode": mode, "w_bits": w_bits, "a_bits": a_bits,
                         "first_last_bits": first_last_bits, "stats_grad": stats_grad,
                         "quantize_plain": quantize_plain, **settings}
@@ -314,6 +315,16 @@ def _raise_bits(model: nn.Module, names: Iterable[str], bits: int, per_channel: 
         wq, aq = layer.weight_quantizer, layer.input_quantizer
         layer.input_quantizer = LSQActQuantizer(max(bits, aq.bits), act_signed, init)
         layer.weight_quantizer = weight_quantizer(max(bits, wq.bits), wq.channels or 1, per_channel, init)
+
+
+def sign_first_input(model: nn.Module) -> nn.Module:
+    """The first quantized layer reads the normalised image, which is signed: its input quantizer is signed
+    even when the others are unsigned (a simulation setting for post-ReLU inputs)."""
+    layers = [m for m in model.modules() if isinstance(m, (RepQBlock, LSQConv2d, LSQLinear))]
+    if layers and not layers[0].input_quantizer.signed:
+        old = layers[0].input_quantizer
+        layers[0].input_quantizer = LSQActQuantizer(old.bits, True, old.init)
+    return model
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -332,3 +332,10 @@ def test_finetune_checkpoint_rebuilds_the_same_quantized_model():
     rebuilt = rebuild({"arch": arch, "quant": model.repq_quant, "state_dict": model.state_dict()})
     with torch.no_grad():
         assert torch.equal(rebuilt.eval()(x), model.eval()(x))
+
+
+def test_unsigned_activations_keep_the_image_input_signed():
+    model = wrap_model(_tiny_net(), "bnest", 8, 8, act_signed=False)
+    layers = [m for m in model.modules() if isinstance(m, (RepQBlock, LSQLinear))]
+    assert layers[0].input_quantizer.signed and layers[0].input_quantizer.qn == -128
+    assert all(not m.input_quantizer.signed and m.input_quantizer.qn == 0 for m in layers[1:])
