@@ -119,16 +119,13 @@ def main() -> None:
     (out / "table.md").write_text(markdown(results))
 
 
-def _first(loader, count: int) -> list:
-    """The first ``count`` images of a val loader, as a list of batches (same order every time)."""
-    batches, seen = [], 0
-    for images, labels in loader:
-        take = min(len(labels), count - seen)
-        batches.append((images[:take], labels[:take]))
-        seen += take
-        if seen >= count:
-            break
-    return batches
+def _first(loader, count: int, batch: int = 128) -> list:
+    """A fixed random subset of ``count`` val images (the val loader runs class by class, so its first images
+    would be a few classes only), as a list of batches."""
+    images, labels = zip(*loader, strict=True)
+    images, labels = torch.cat(images), torch.cat(labels)
+    pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:count]
+    return [(images[pick[i:i + batch]], labels[pick[i:i + batch]]) for i in range(0, len(pick), batch)]
 
 
 def markdown(results: dict) -> str:
