@@ -317,6 +317,13 @@ def _raise_bits(model: nn.Module, names: Iterable[str], bits: int, per_channel: 
         layer.weight_quantizer = weight_quantizer(max(bits, wq.bits), wq.channels or 1, per_channel, init)
 
 
+def raise_first_last_bits(model: nn.Module, bits: int = 8, per_channel: bool = True, act_signed: bool = True,
+                          init: str = "minerror") -> nn.Module:
+    """The first and last quantized layers get at least ``bits`` bits (LSQ's convention below 8 bits)."""
+    _raise_bits(model, _first_last(model), bits, per_channel, act_signed, init)
+    return model
+
+
 def sign_first_input(model: nn.Module) -> nn.Module:
     """The first quantized layer reads the normalised image, which is signed: its input quantizer is signed
     even when the others are unsigned (a simulation setting for post-ReLU inputs)."""

@@ -53,7 +53,7 @@ def quantized_model(float_model: nn.Module, method: str, w_bits: int, a_bits: in
                     ) -> nn.Module:
     """The model to fine-tune: RepQ-wrapped blocks, or (merged) LSQ on the fused convs."""
     from quant.lsq import quantize_plain_layers
-    from quant.repq import sign_first_input, wrap_model
+    from quant.repq import raise_first_last_bits, sign_first_input, wrap_model
     from reparam import fuse_model
 
     if method not in METHODS:
@@ -63,7 +63,10 @@ def quantized_model(float_model: nn.Module, method: str, w_bits: int, a_bits: in
         if any(isinstance(m, nn.BatchNorm2d) for m in fused.modules()):
             raise RepqError("the fused model still has BatchNorm layers outside re-param blocks: LSQ on plain "
                             "conv+BN pairs is not supported; convert them to blocks (reparam.convert_convs)")
-        model = sign_first_input(quantize_plain_layers(fused, w_bits, a_bits, act_signed=act_signed))
+        model = quantize_plain_layers(fused, w_bits, a_bits, act_signed=act_signed)
+        if min(w_bits, a_bits) < 8:  # as wrap_model does: first and last layer keep 8 bits
+            raise_first_last_bits(model, 8, act_signed=act_signed)
+        sign_first_input(model)
         model.repq_quant = {"method": "merged", "w_bits": w_bits, "a_bits": a_bits, "act_signed": act_signed}
         return model
     return wrap_model(float_model, method, w_bits, a_bits, act_signed=act_signed)
