@@ -256,7 +256,8 @@ def _engine_runs(ctx: StageContext):
                 yield export.dir / file, entry, "onnxruntime (TensorRT placement)"
 
 
-def _open_engine(path: Path, target: str, threads: int | None = None):
+def open_engine(path: str | Path, target: str, threads: int | None = None):
+    """A CPU engine on an ONNX file: onnxruntime or openvino (TensorRT needs a GPU: engines/tensorrt.py)."""
     if target.startswith("onnxruntime"):
         from engines.onnxruntime import OrtEngine
 
@@ -279,7 +280,7 @@ def engine_stage(ctx: StageContext):
         if target in ("tensorrt",) and get_target(target).needs_gpu and not torch.cuda.is_available():
             skipped.append(f"{target}: {path.name} (no GPU)")
             continue
-        accuracy = _open_engine(path, target).evaluate(val)
+        accuracy = open_engine(path, target).evaluate(val)
         if entry["placement"] == "tensorrt" and target.startswith("onnxruntime"):
             ladder.append({"step": "qdq_onnx", "method": entry["method"], **accuracy})
             continue
@@ -304,7 +305,7 @@ def bench_stage(ctx: StageContext):
     for path, entry, target in _engine_runs(ctx):
         if target.startswith("onnxruntime (") or target == "tensorrt":
             continue  # the QDQ-in-ORT step is a parity check, not an engine; TensorRT is timed by its own bench
-        stats = _open_engine(path, target, s.threads).benchmark(image, s.batch_sizes, warmup=s.warmup, runs=s.iters)
+        stats = open_engine(path, target, s.threads).benchmark(image, s.batch_sizes, warmup=s.warmup, runs=s.iters)
         small, large = min(stats, key=lambda x: x.batch_size), max(stats, key=lambda x: x.batch_size)
         methods.append({"method": entry["method"], "bits": entry["bits"], "engine": target,
                         "batch_size": f"{small.batch_size}/{large.batch_size}", "latency_ms": small.median_ms,
