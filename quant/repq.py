@@ -162,7 +162,7 @@ class RepQBlock(nn.Module):
         with torch.no_grad():
             out_channels = block.merged_kernel()[0].shape[0]
         self.input_quantizer = LSQActQuantizer(a_bits, act_signed, init)
-        self.weight_quantizer = weight_quantizer(w_bits, out_channels, per_channel, init)
+        self.weight_quantizer = weight_quantizer(w_bits, out_channels, per_channel)
         self.last_batch_stats: dict[str, tuple[Tensor, Tensor]] = {}  # (mean, biased var), for inspection
 
     # -- forward / deploy -------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def _raise_bits(model: nn.Module, names: Iterable[str], bits: int, per_channel: 
         layer = modules[name]
         wq, aq = layer.weight_quantizer, layer.input_quantizer
         layer.input_quantizer = LSQActQuantizer(max(bits, aq.bits), act_signed, init)
-        layer.weight_quantizer = weight_quantizer(max(bits, wq.bits), wq.channels or 1, per_channel, init)
+        layer.weight_quantizer = weight_quantizer(max(bits, wq.bits), wq.channels or 1, per_channel)
 
 
 def raise_first_last_bits(model: nn.Module, bits: int = 8, per_channel: bool = True, act_signed: bool = True,

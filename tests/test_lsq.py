@@ -108,7 +108,7 @@ def test_minerror_init_reaches_the_brute_force_minimum(bits):
 def test_minerror_per_channel_and_first_batch_only():
     w = torch.randn(4, 8, 3, 3)
     w[2] *= 100
-    q = weight_quantizer(4, out_channels=4)
+    q = weight_quantizer(4, out_channels=4, init="minerror")
     q(w)
     steps = q.step.detach().clone()
     assert steps[2] > 20 * steps[0]
