@@ -152,7 +152,7 @@ def run_accuracy(args) -> dict:
             row[label] = evaluate(path, val, args.threads)
             print(f"  {label}: {row[label]:.2f}", file=sys.stderr)
         if args.qat_epochs:
-            from quant.toolkit_qat import qat
+            from pipeline.qat import qat
 
             q = quantize(model, batches, args.qat_calibrator, args.percentile)
             q = qat(q, data, out / "qat", epochs=args.qat_epochs, lr=args.qat_lr, batch_size=128,

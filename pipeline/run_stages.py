@@ -148,6 +148,31 @@ def ptq_stage(ctx: StageContext):
     return {"outputs": {}, "metrics": {"artifacts": artifacts, "ladder": ladder}}
 
 
+def qat_stage(ctx: StageContext):
+    """Toolkit QAT (the RepQ paper's Merged baseline): fine-tune the PTQ model of the last trained checkpoint,
+    ModelOpt's fake quantizers and amax kept, with the training loop (resumable, torchrun-ready)."""
+    from pipeline.qat import qat
+    from quant.toolkit import load_quantized
+
+    s = ctx.settings
+    label = list(_checkpoints(ctx))[-1]
+    _, trained = _checkpoints(ctx)[label]
+    source = f"{label} PTQ {s.calibrator}"
+    artifacts = _quantized_artifacts(ctx)
+    if source not in artifacts:
+        raise RepqError(f"stages.qat.calibrator={s.calibrator} has no PTQ model to start from: add it to "
+                        f"stages.ptq.calibrators")
+    result = qat(load_quantized(artifacts[source][1]), _data(ctx), ctx.dir, epochs=s.epochs, lr=s.lr,
+                 resume=ctx.resume and (ctx.dir / "last.pt").exists())
+    if ctx.rank:
+        return None
+    method = f"{label} QAT {s.calibrator}"
+    accuracy = _torch_accuracy(result["model"], _val_loader(_data(ctx)))
+    return {"outputs": {}, "metrics": {
+        "artifacts": {method: {"kind": "toolkit", "file": "best.pt", "base": label}},
+        "ladder": [*_float_ladder(method, trained), {"step": "fakequant", "method": method, **accuracy}]}}
+
+
 def repq_stage(ctx: StageContext):
     """RepQ fine-tuning through each block's merged kernel, per mode and bit width (RepQ paper)."""
     from calibration.loaders import build_loaders

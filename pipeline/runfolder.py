@@ -252,7 +252,7 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, from_stage: str | None = N
                 _lead(recipe, run_dir, stages, from_stage, summary, world, log)
                 if recipe.stages.report.enabled:
                     if render_report is None:
-                        from engines.report import render_run_report as render_report
+                        from pipeline.run_report import render_run_report as render_report
                     render_report(run_dir, recipe)
         else:
             _follow(recipe, run_dir, stages, summary, world)

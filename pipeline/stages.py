@@ -146,6 +146,7 @@ for _name, _needs, _distributed in (
     ("train", (), True),
     ("substitute", ("train",), True),
     ("ptq", ("train", "substitute"), False),
+    ("qat", ("train", "substitute", "ptq"), True),
     ("repq", ("train", "substitute"), False),
     ("export", ("train", "substitute", "ptq", "qat", "repq"), False),
     ("engine", ("export",), False),

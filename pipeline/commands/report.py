@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engines.report import render_run_report
     from pipeline.recipe import load_recipe
+    from pipeline.run_report import render_run_report
     from pipeline.runfolder import read_run
 
     run_dir = Path(args.run_dir)
