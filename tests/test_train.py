@@ -24,6 +24,15 @@ from pipeline.train import (
 from reparam import create_model
 from reparam.errors import RepqError
 
+
+def _free_port() -> int:
+    """A port nobody listens on now: a fixed one collides with any other torchrun on the machine."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny and fast: 8-24 channel RepVGG-A0 on digits, a few steps per epoch.
 TINY = dict(model="repvgg_a0", width_mult=0.125, batch_size=32, lr=0.05, warmup_epochs=0.5, progress=False,
@@ -128,7 +137,8 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     single = tmp_path / "single"
     result = _run_script(tmp_path, settings, single, dtype="float64")
     assert result.returncode == 0, result.stderr[-3000:]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(_free_port())]
     result = _run_script(tmp_path, settings, tmp_path / "ddp", launcher=launcher, dtype="float64")
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = _weights(single / "last.pt"), _weights(tmp_path / "ddp" / "last.pt")
