@@ -31,7 +31,7 @@ FLOAT_LABEL = "FP32"
 def _load(source: str, preset: str, val_size: float, split_seed: int):
     from calibration.datasets import load_data
 
-    return load_data(source, preset=preset, val_size=int(val_size) if val_size >= 1 else val_size, seed=split_seed)
+    return load_data(source, preset=preset, val_size=val_size, seed=split_seed)
 
 
 def _data(ctx: StageContext):
@@ -70,6 +70,12 @@ def _checkpoints(ctx: StageContext) -> dict[str, tuple[Path, dict]]:
     if not found:
         raise RepqError(f"stage {ctx.name} needs a trained checkpoint: enable stages.train")
     return found
+
+
+def _last_checkpoint(ctx: StageContext) -> tuple[str, Path, dict]:
+    """(label, checkpoint, metrics) of the last trained model: the substituted one when substitution ran."""
+    label, (path, trained) = list(_checkpoints(ctx).items())[-1]
+    return label, path, trained
 
 
 def _float_ladder(method: str, trained: dict) -> list[dict]:
@@ -155,8 +161,7 @@ def qat_stage(ctx: StageContext):
     from quant.toolkit import load_quantized
 
     s = ctx.settings
-    label = list(_checkpoints(ctx))[-1]
-    _, trained = _checkpoints(ctx)[label]
+    label, _, trained = _last_checkpoint(ctx)
     source = f"{label} PTQ {s.calibrator}"
     artifacts = _quantized_artifacts(ctx)
     if source not in artifacts:
@@ -181,8 +186,7 @@ def repq_stage(ctx: StageContext):
     from reparam.io import atomic_save
 
     s, data = ctx.settings, _data(ctx)
-    label = list(_checkpoints(ctx))[-1]
-    path, trained = _checkpoints(ctx)[label]
+    label, path, trained = _last_checkpoint(ctx)
     float_model, _ = load_model_checkpoint(path)
     train_loader, val = build_loaders(data, min(s.batch_size, len(data.train)), seed=ctx.recipe.seed)
     artifacts, ladder = {}, []
@@ -261,29 +265,35 @@ def _add_metadata(path: Path, data_json: str) -> None:
     atomic_write_bytes(path, graph.SerializeToString())
 
 
-def _engine_runs(ctx: StageContext):
-    """(file, entry, engine name) for every exported file and every engine target of the recipe that runs it.
+def _engine_runs(ctx: StageContext) -> tuple[list[tuple[Path, dict, str, bool]], list[str]]:
+    """([(file, entry, engine, parity_only)], skipped) over every exported file and CPU engine of the recipe.
 
-    ONNX Runtime also runs the TensorRT-placement file: that is the ladder's "QDQ ONNX" step.
+    ``parity_only``: ONNX Runtime running the TensorRT-placement file, the ladder's "QDQ ONNX" step, not an
+    engine of the methods table. GPU targets (TensorRT) are listed as skipped: engines/tensorrt.py builds them
+    on a GPU machine (bench/engines.py).
     """
     from engines.targets import get_target
 
     export = ctx.upstream.get("export")
     if export is None:
         raise RepqError(f"stage {ctx.name} needs the export stage: enable stages.export")
-    targets = ctx.recipe.stages.engine.targets
+    runs, skipped = [], []
     for file, entry in export.metrics["files"].items():
-        for target in targets:
+        for target in ctx.recipe.stages.engine.targets:
             row = get_target(target)
-            if entry["placement"] in ("float", row.placement):
-                yield export.dir / file, entry, target
-            elif target == "onnxruntime" and entry["placement"] == "tensorrt":
-                yield export.dir / file, entry, "onnxruntime (TensorRT placement)"
+            if entry["placement"] not in ("float", row.placement):
+                if target == "onnxruntime" and entry["placement"] == "tensorrt":
+                    runs.append((export.dir / file, entry, target, True))
+            elif row.needs_gpu:
+                skipped.append(f"{target}: {file} (needs a GPU with TensorRT)")
+            else:
+                runs.append((export.dir / file, entry, target, False))
+    return runs, skipped
 
 
 def open_engine(path: str | Path, target: str, threads: int | None = None):
     """A CPU engine on an ONNX file: onnxruntime or openvino (TensorRT needs a GPU: engines/tensorrt.py)."""
-    if target.startswith("onnxruntime"):
+    if target == "onnxruntime":
         from engines.onnxruntime import OrtEngine
 
         return OrtEngine(path, threads=threads)
@@ -291,22 +301,18 @@ def open_engine(path: str | Path, target: str, threads: int | None = None):
         from engines.openvino import OpenVinoEngine
 
         return OpenVinoEngine(path, threads=threads)
-    raise RepqError(f"engine target {target} needs a GPU with TensorRT, which this machine lacks: build it in "
-                    "the Docker image (docker/README) or drop it from stages.engine.targets")
+    raise RepqError(f"engine target {target} is not a CPU engine: build TensorRT engines with engines/tensorrt.py "
+                    "on a GPU machine (docker/), or drop it from stages.engine.targets")
 
 
 def engine_stage(ctx: StageContext):
     """Accuracy measured on each engine itself, over the validation split."""
-    from engines.targets import get_target
-
     val = _val_loader(_data(ctx))
-    ladder, methods, skipped = [], [], []
-    for path, entry, target in _engine_runs(ctx):
-        if target in ("tensorrt",) and get_target(target).needs_gpu and not torch.cuda.is_available():
-            skipped.append(f"{target}: {path.name} (no GPU)")
-            continue
+    runs, skipped = _engine_runs(ctx)
+    ladder, methods = [], []
+    for path, entry, target, parity_only in runs:
         accuracy = open_engine(path, target).evaluate(val)
-        if entry["placement"] == "tensorrt" and target.startswith("onnxruntime"):
+        if parity_only:
             ladder.append({"step": "qdq_onnx", "method": entry["method"], **accuracy})
             continue
         if entry["placement"] == "onnxruntime":
@@ -327,9 +333,9 @@ def bench_stage(ctx: StageContext):
     data = _data(ctx)
     image = (3, data.preset.image_size, data.preset.image_size)
     methods, timings = [], []
-    for path, entry, target in _engine_runs(ctx):
-        if target.startswith("onnxruntime (") or target == "tensorrt":
-            continue  # the QDQ-in-ORT step is a parity check, not an engine; TensorRT is timed by its own bench
+    for path, entry, target, parity_only in _engine_runs(ctx)[0]:
+        if parity_only:
+            continue
         stats = open_engine(path, target, s.threads).benchmark(image, s.batch_sizes, warmup=s.warmup, runs=s.iters)
         small, large = min(stats, key=lambda x: x.batch_size), max(stats, key=lambda x: x.batch_size)
         methods.append({"method": entry["method"], "bits": entry["bits"], "engine": target,

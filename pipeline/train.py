@@ -340,16 +340,12 @@ def _load_data_once(settings: TrainSettings, data, ctx: DistContext) -> ImageDat
     if isinstance(data, ImageData):
         return data
     def load() -> ImageData:
-        return load_data(data, preset=settings.preset, val_size=_val_size(settings), seed=settings.split_seed)
+        return load_data(data, preset=settings.preset, val_size=settings.val_size, seed=settings.split_seed)
 
     if ctx.is_main:
         loaded = load()  # rank 0 first: it fills the decode cache the others then read
     barrier(ctx)
     return loaded if ctx.is_main else load()
-
-
-def _val_size(settings: TrainSettings) -> float | int:
-    return settings.val_size if settings.val_size < 1 else int(settings.val_size)
 
 
 def _train(settings, data, out: Path, resume, on_step, ctx: DistContext, recipe, initial_model=None) -> dict:

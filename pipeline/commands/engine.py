@@ -31,8 +31,7 @@ def run(args: argparse.Namespace) -> int:
         from calibration.datasets import load_data
         from calibration.loaders import build_loaders
 
-        val_size = int(args.val_size) if args.val_size >= 1 else args.val_size
-        data = load_data(args.data, val_size=val_size, seed=0)
+        data = load_data(args.data, val_size=args.val_size, seed=0)
         size = data.preset.image_size
         _, val = build_loaders(data, 128, eval_batch_size=256)
         result["accuracy"] = engine.evaluate(val)

@@ -145,8 +145,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     torch.manual_seed(args.seed)
     float_model, ckpt = load_model_checkpoint(args.checkpoint)
-    val_size = int(args.val_size) if args.val_size >= 1 else args.val_size
-    data = load_data(args.data, val_size=val_size, seed=args.split_seed)
+    data = load_data(args.data, val_size=args.val_size, seed=args.split_seed)
     train_loader, val_loader = build_loaders(data, args.batch_size, seed=args.seed)
     ctx = init_distributed("cpu")
     fp_top1 = evaluate(copy.deepcopy(float_model), val_loader, ctx)["top1"]

@@ -26,14 +26,10 @@ def run(args: argparse.Namespace) -> int:
     from quant.toolkit import quantize, quantized_layers, save_quantized
 
     model, ckpt = load_model_checkpoint(args.ckpt)
-    data = load_data(args.data, val_size=_val_size(ckpt), seed=ckpt.get("settings", {}).get("split_seed", 0))
+    trained = ckpt.get("settings", {})
+    data = load_data(args.data, val_size=trained.get("val_size", 0.1), seed=trained.get("split_seed", 0))
     loader = calibration_loader(data, args.calib_images)
     q = quantize(model.eval(), loader, args.method, args.percentile, fuse=not args.no_fuse, skip_layers=args.skip)
     save_quantized(q, args.out, {"data": data.describe(), "source": str(args.ckpt)})
     print(f"{len(quantized_layers(q))} layers quantized ({args.method}), saved to {args.out}")
     return 0
-
-
-def _val_size(ckpt: dict):
-    value = ckpt.get("settings", {}).get("val_size", 0.1)
-    return int(value) if value >= 1 else value

@@ -54,8 +54,6 @@ def settings_from_args(args: argparse.Namespace):
         values.update(model=DEFAULT_MODEL, width_mult=DEFAULT_WIDTH)
     if args.no_progress:
         values["progress"] = False
-    if isinstance(values.get("val_size"), float) and values["val_size"] >= 1:
-        values["val_size"] = int(values["val_size"])
     try:
         return TrainSettings(**values)
     except ValidationError as err:
