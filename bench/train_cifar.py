@@ -118,7 +118,7 @@ def cmd_run(args) -> dict:
 def cmd_target(args) -> dict:
     """Size the epochs to the time budget from a speed measurement, then train both models."""
     data = load_data(args.data, val_size=5000)
-    rate = measure_speed(MODELS[0], recipe(MODELS[0], width_mult=args.width), data, args.device, 10)
+    rate = measure_speed(MODELS[0], recipe(MODELS[0], width_mult=args.width), data, args.device, 40)
     per_epoch = TRAIN_IMAGES / rate["images_per_s"] / 60 * (1 + EVAL_SHARE)
     epochs = args.epochs or max(1, math.floor(args.minutes / per_epoch))
     print(f"{rate['images_per_s']:.0f} images/s -> {per_epoch:.2f} min per epoch -> {epochs} epochs in "

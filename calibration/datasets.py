@@ -119,10 +119,16 @@ class ImageData:
     preset: Preset
     train: ImageSet
     val: ImageSet
+    task: str = "classification"
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        """The shape exported graphs and benchmarks use: one image of the preset."""
+        return (1, 3, self.preset.image_size, self.preset.image_size)
 
     def describe(self) -> dict:
         """What a checkpoint records so that later stages rebuild the same inputs."""

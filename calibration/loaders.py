@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from calibration.datasets import ImageData, ImageSet, collate_batch, load_data
+from calibration.sr import SRData
 from reparam.errors import RepqError
 
 
@@ -31,7 +32,7 @@ class ShardSampler(Sampler[int]):
 
 
 def build_loaders(
-    data: ImageData,
+    data: ImageData | SRData,
     batch_size: int,
     *,
     seed: int = 0,
@@ -43,6 +44,8 @@ def build_loaders(
     The train loader shuffles with a DistributedSampler (also in one process, so that N processes see exactly
     the batches one process would see) and drops the last partial batch; call `set_loader_epoch(loader, e)` at
     each epoch. The val loader gives each rank a disjoint shard in order: summed counts cover each image once.
+    For super-resolution data the val "loader" is its SRValidation: whole images of different sizes, one per
+    batch, the same on every rank.
     """
     rank, world = _world()
     if batch_size % world:
@@ -52,9 +55,11 @@ def build_loaders(
     if len(data.train) < batch_size:
         raise RepqError(f"the training split has {len(data.train)} images, fewer than one batch of "
                         f"{batch_size}: lower --batch-size")
-    sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     common = {"num_workers": num_workers, "collate_fn": collate_batch, "persistent_workers": False}
+    sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     train = DataLoader(data.train, batch_size=per_rank, sampler=sampler, drop_last=True, **common)
+    if isinstance(data, SRData):
+        return train, data.val
     val_sampler = ShardSampler(len(data.val), rank, world)
     val_batch = eval_batch_size or max(per_rank, 256)
     val = DataLoader(data.val, batch_size=val_batch, sampler=val_sampler, **common)
@@ -65,7 +70,7 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Reseed shuffling and augmentation for `epoch` (the same on every rank, and again after a resume)."""
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
-    if isinstance(loader.dataset, ImageSet):
+    if hasattr(loader.dataset, "set_epoch"):  # ImageSet, SRPatches: augmentation seeded per epoch
         loader.dataset.set_epoch(epoch)
 
 
@@ -79,12 +84,14 @@ def calibration_indices(data: ImageData, num_images: int, seed: int = 0) -> np.n
 
 
 def calibration_set(
-    data: ImageData | str = "digits", num_images: int = 512, seed: int = 0
+    data: ImageData | SRData | str = "digits", num_images: int = 512, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`num_images` training images (eval transform, no augmentation) and their labels, drawn with `seed`.
 
     `data` is an `ImageData` or a spec for `load_data` (`digits` or an ImageFolder path, default settings).
     """
+    if isinstance(data, SRData):  # low-resolution patches (and their targets), no flips
+        return data.train.fixed(num_images, seed)
     data = load_data(data) if not isinstance(data, ImageData) else data
     positions = calibration_indices(data, num_images, seed)
     plain = ImageSet(data.train.source, data.train.indices, data.preset, train=False, seed=data.train.seed)
@@ -94,7 +101,7 @@ def calibration_set(
 
 
 def calibration_loader(
-    data: ImageData | str = "digits", num_images: int = 512, batch_size: int = 64, seed: int = 0
+    data: ImageData | SRData | str = "digits", num_images: int = 512, batch_size: int = 64, seed: int = 0
 ) -> DataLoader:
     """The calibration set as batches of (images, labels), in a fixed order."""
     images, labels = calibration_set(data, num_images, seed)

@@ -107,9 +107,12 @@ def export_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = False,
+    dynamic_size: bool = False,
     specs: dict[str, LayerQuant] | None = None,
 ) -> Path:
-    """Write the QDQ ONNX file of a fake-quantized `model` for `target`'s placement; returns the path."""
+    """Write the QDQ ONNX file of a fake-quantized `model` for `target`'s placement; returns the path.
+
+    `dynamic_size` leaves height and width free (super-resolution models run on whole images of any size)."""
     import onnx
 
     placement = get_target(target).placement
@@ -124,7 +127,7 @@ def export_onnx(
     plain = float_copy(model)
     graph_model = None
     for fold in (True, False):  # constant folding renames weights folded with a BN (unfused models): retry
-        graph_model = export_float(plain, input_shape, opset, dynamic_batch, fold)
+        graph_model = export_float(plain, input_shape, opset, dynamic_batch, fold, dynamic_size)
         nodes = find_layer_nodes(graph_model, specs)
         if len(nodes) == len(specs):
             break
@@ -145,13 +148,16 @@ def export_onnx(
     return atomic_write_bytes(path, graph_model.SerializeToString())
 
 
-def export_float(model: nn.Module, input_shape, opset: int, dynamic_batch: bool, fold: bool = True):
+def export_float(model: nn.Module, input_shape, opset: int, dynamic_batch: bool, fold: bool = True,
+                 dynamic_size: bool = False):
     """The float ONNX graph of `model` (TorchScript exporter: ModelOpt's modules need dynamo=False)."""
     import onnx
 
     buffer = io.BytesIO()
     dummy = torch.zeros(*input_shape)
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    free = ({0: "batch"} if dynamic_batch else {}) | ({2: "height", 3: "width"} if dynamic_size else {})
+    out_free = {k: f"out_{v}" if k > 1 else v for k, v in free.items()}
+    axes = {INPUT_NAME: free, OUTPUT_NAME: out_free} if free else None
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (dummy,), buffer, dynamo=False, opset_version=opset,

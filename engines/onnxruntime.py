@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.timing import LatencyStats, latency_stats, time_calls, topk_accuracy
+from engines.timing import LatencyStats, latency_stats, score, time_calls
 from reparam.errors import RepqError
 
 
@@ -70,8 +70,8 @@ class OrtEngine:
         return np.concatenate(outputs)
 
     def evaluate(self, loader) -> dict:
-        """top-1/top-5 (percent) of the engine's outputs over (images, labels) batches."""
-        return topk_accuracy(self, _numpy_batches(loader))
+        """top-1/top-5 (percent) over (images, labels) batches, or the loader's own score (PSNR)."""
+        return score(self, loader, _numpy_batches)
 
     def benchmark(
         self,

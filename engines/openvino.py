@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.timing import LatencyStats, latency_stats, time_calls, topk_accuracy
+from engines.timing import LatencyStats, latency_stats, score, time_calls
 from reparam.errors import RepqError
 
 # Layer types of the compiled CPU graph that do the arithmetic; INT8 coverage is counted over these.
@@ -203,7 +203,7 @@ class OpenVinoEngine:
         return stats
 
     def evaluate(self, loader) -> dict:
-        return topk_accuracy(self, loader)
+        return score(self, loader)
 
     def describe(self) -> dict:
         return {

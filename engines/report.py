@@ -2,9 +2,9 @@
 
 What a stage contributes is data in its manifest's ``metrics`` (see pipeline/runfolder.py):
 
-- ``ladder``: entries ``{"step", "top1", "top5"?, "method"?}``, ``step`` one of :data:`LADDER_STEPS`. Entries
-  without a method (the train-form and fused FP32 models) apply to every method's row. The ladder shows where
-  accuracy is lost on the way from the trained model to the INT8 engine.
+- ``ladder``: entries ``{"step", "top1" (or "psnr"), "top5"?, "method"?}``, ``step`` one of
+  :data:`LADDER_STEPS`. Entries without a method (the train-form and fused FP32 models) apply to every
+  method's row. The ladder shows where accuracy is lost on the way from the trained model to the INT8 engine.
 - ``methods``: rows ``{"method", "bits"?, "engine"?, "top1"?, "top5"?, "latency_ms"?, "throughput"?,
   "size_mb"?, "batch_size"?, "base"?}`` (``base``: the float model a quantized row comes from). Rows with the
   same (method, bits, engine) from several stages are merged, so
@@ -40,7 +40,7 @@ SHORT_STEPS = {"train": "train-form", "fused": "fused", "fakequant": "fake-quant
                "engine": "engine"}
 METHOD_COLUMNS = (
     ("method", "Method"), ("bits", "Bits"), ("engine", "Engine"), ("batch_size", "Batch (latency/throughput)"),
-    ("top1", "Top-1 %"), ("top5", "Top-5 %"),
+    ("top1", "Top-1 %"), ("top5", "Top-5 %"), ("psnr", "PSNR (dB)"),
     ("int8_drop", "Drop vs FP32 (pts)"), ("latency_ms", "Latency (ms)"), ("throughput", "Throughput (img/s)"),
     ("size_mb", "Size (MB)"),
 )
@@ -49,6 +49,11 @@ CURVE_SKIP = ("epoch", "step", "lr", "time_s", "images_per_s")
 
 
 # ---------------------------------------------------------------- metrics
+
+
+def quality_key(rows: list[dict]) -> str:
+    """The figure a run is judged by: ``psnr`` for super-resolution, ``top1`` for classification."""
+    return "psnr" if any("psnr" in r for r in rows) else "top1"
 
 
 def _row_key(row: dict) -> tuple:
@@ -68,33 +73,37 @@ def _is_fp32(row: dict) -> bool:
 
 
 def add_drops(methods: list[dict], ladder: list[dict]) -> list[dict]:
-    """``int8_drop`` = FP32 top-1 minus the row's top-1. The reference is the FP32 row of the same float model
-    (``base``) on the same engine, else any FP32 row on that engine, else the fused FP32 model of the ladder."""
-    fp32 = {(row.get("base"), row.get("engine")): row["top1"] for row in methods if _is_fp32(row) and "top1" in row}
-    per_engine = {engine: top1 for (_, engine), top1 in fp32.items()}
+    """``int8_drop`` = FP32 top-1 (or PSNR) minus the row's. The reference is the FP32 row of the same float
+    model (``base``) on the same engine, else any FP32 row on that engine, else the fused FP32 model of the
+    ladder."""
+    key = quality_key(methods + ladder)
+    fp32 = {(row.get("base"), row.get("engine")): row[key] for row in methods if _is_fp32(row) and key in row}
+    per_engine = {engine: value for (_, engine), value in fp32.items()}
     fallback = next(iter(fp32.values()), None)
     if fallback is None:
-        fused = [e["top1"] for e in ladder if e.get("step") in ("fused", "train") and "top1" in e]
+        fused = [e[key] for e in ladder if e.get("step") in ("fused", "train") and key in e]
         fallback = fused[-1] if fused else None
     out = []
     for row in methods:
         row = dict(row)
         engine = row.get("engine")
         reference = fp32.get((row.get("base"), engine), per_engine.get(engine, fallback))
-        if not _is_fp32(row) and "top1" in row and reference is not None:
-            row["int8_drop"] = round(reference - row["top1"], 4)
+        if not _is_fp32(row) and key in row and reference is not None:
+            row["int8_drop"] = round(reference - row[key], 4)
         out.append(row)
     return out
 
 
 def ladder_table(ladder: list[dict]) -> tuple[list[str], list[dict]]:
-    """(steps present, rows): a row per method, {"method", <step>: top1, ..., "lost_at": "a -> b (-x.xx)"}."""
-    shared = {e["step"]: e["top1"] for e in ladder if not e.get("method") and "top1" in e}
+    """(steps present, rows): a row per method, {"method", <step>: top1 (or psnr), ..., "lost_at": "a -> b
+    (-x.xx)"}."""
+    key = quality_key(ladder)
+    shared = {e["step"]: e[key] for e in ladder if not e.get("method") and key in e}
     methods = list(dict.fromkeys(e["method"] for e in ladder if e.get("method")))
     rows = []
     for method in methods or ["FP32"]:
         row = {"method": method, **shared}
-        row.update({e["step"]: e["top1"] for e in ladder if e.get("method") == method and "top1" in e})
+        row.update({e["step"]: e[key] for e in ladder if e.get("method") == method and key in e})
         rows.append(row)
     steps = [s for s in LADDER_STEPS if any(s in r for r in rows)]
     for row in rows:
@@ -198,7 +207,8 @@ def _pyplot():
 
 
 def plot_accuracy_latency(methods: list[dict]) -> bytes | None:
-    points = [r for r in methods if _number(r.get("top1")) and _number(r.get("latency_ms"))]
+    key = quality_key(methods)
+    points = [r for r in methods if _number(r.get(key)) and _number(r.get("latency_ms"))]
     if not points:
         return None
     plt = _pyplot()
@@ -206,11 +216,11 @@ def plot_accuracy_latency(methods: list[dict]) -> bytes | None:
     # A legend, not annotations: methods of similar speed and accuracy would print their names over each other.
     markers = "osD^vP*Xh<>"
     for i, row in enumerate(points):
-        ax.scatter(row["latency_ms"], row["top1"], s=60, marker="s" if _is_fp32(row) else markers[i % len(markers)],
+        ax.scatter(row["latency_ms"], row[key], s=60, marker="s" if _is_fp32(row) else markers[i % len(markers)],
                    label=_method_label(row), zorder=3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     ax.set_xlabel("latency per batch (ms, lower is better)")
-    ax.set_ylabel("top-1 accuracy on the engine (%)")
+    ax.set_ylabel("PSNR on the engine (dB)" if key == "psnr" else "top-1 accuracy on the engine (%)")
     ax.set_title("Accuracy vs latency per method")
     ax.grid(alpha=0.3)
     ax.margins(x=0.25, y=0.15)
@@ -324,13 +334,16 @@ def _sections(metrics: dict[str, Any]) -> list[tuple[str, str, list[str], list[l
         header = ["Method"] + [LADDER_STEPS[s] for s in steps] + ["Largest loss"]
         rows = [[str(r["method"])] + [_fmt(r.get(s)) for s in steps] + [r.get("lost_at", "")]
                 for r in ladder_rows]
-        sections.append(("Parity ladder", "Top-1 (%) of the same model at each step from training to the "
+        figure = "PSNR (dB)" if quality_key(metrics.get("ladder", [])) == "psnr" else "Top-1 (%)"
+        sections.append(("Parity ladder", f"{figure} of the same model at each step from training to the "
                          "INT8 engine: the largest loss says where accuracy goes.", header, rows))
     methods = metrics.get("methods", [])
     if methods:
         columns = [(k, h) for k, h in METHOD_COLUMNS if any(k in r for r in methods)]
         rows = [[_method_cell(r, k) for k, _ in columns] for r in methods]
-        sections.append(("Methods", "Accuracy measured on the engine; drop in points against FP32 on the "
+        figure = ("PSNR (dB) measured on the engine; drop in dB" if quality_key(methods) == "psnr" else
+                  "Accuracy measured on the engine; drop in points")
+        sections.append(("Methods", f"{figure} against FP32 on the "
                          "same engine; latency and throughput measured on the engine itself.",
                          [h for _, h in columns], rows))
     stages = metrics.get("stages", {})

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.timing import LatencyStats, cuda_event_times, latency_stats, speedup, topk_accuracy
+from engines.timing import LatencyStats, cuda_event_times, latency_stats, score, speedup
 from reparam.errors import RepqError
 from reparam.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -507,7 +507,7 @@ class TensorRTEngine:
         return self.infer(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))).float().cpu().numpy()
 
     def evaluate(self, loader) -> dict:
-        return topk_accuracy(self, loader)
+        return score(self, loader)
 
     def times(self, batch: int, *, warmup: int = 20, runs: int = 100, cuda_graph: bool = False) -> list[float]:
         """GPU seconds per run of one batch of random images (CUDA events; optionally a CUDA graph)."""

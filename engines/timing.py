@@ -72,6 +72,14 @@ def speedup(reference: LatencyStats, candidate: LatencyStats) -> float:
     return ref / cand
 
 
+def score(predict: Callable[[np.ndarray], np.ndarray], loader, to_numpy: Callable | None = None) -> dict:
+    """The task's quality metric of `predict` over `loader`: a loader that scores itself does (super-resolution
+    validation: PSNR); otherwise top-k accuracy over (images, labels) batches (`to_numpy` prepares them)."""
+    if hasattr(loader, "score"):
+        return loader.score(predict)
+    return topk_accuracy(predict, to_numpy(loader) if to_numpy else loader)
+
+
 def topk_accuracy(predict: Callable[[np.ndarray], np.ndarray], loader, topk: Sequence[int] = (1, 5)) -> dict:
     """Top-k accuracy (percent) of `predict` (float32 NCHW batch -> logits) over (images, labels) batches."""
     correct = dict.fromkeys(topk, 0)

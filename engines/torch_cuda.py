@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engines.timing import LatencyStats, cuda_event_times, latency_stats, topk_accuracy
+from engines.timing import LatencyStats, cuda_event_times, latency_stats, score
 from reparam.errors import RepqError
 
 DTYPES = ("fp16", "fp32")
@@ -70,7 +70,7 @@ class TorchCudaEngine:
         )
 
     def evaluate(self, loader) -> dict:
-        return topk_accuracy(self, loader)
+        return score(self, loader)
 
     def times(
         self,

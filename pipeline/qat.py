@@ -35,7 +35,7 @@ def qat(
     device: str = "auto",
     progress: bool = False,
 ) -> dict:
-    """Fine-tune the fake-quantized `model` in place on `data` (ImageData, `digits` or a folder) for `epochs`.
+    """Fine-tune the fake-quantized `model` in place on `data` (ImageData, SRData, `digits` or a folder).
 
     Returns {"model", "history", "best", "last_checkpoint", "best_checkpoint"}. `resume=True` continues from
     `out_dir/last.pt` (weights, optimizer, schedule and epoch).
@@ -44,8 +44,9 @@ def qat(
 
     from calibration.datasets import ImageData, load_data
     from calibration.loaders import build_loaders, set_loader_epoch
+    from calibration.sr import SRData
     from pipeline.distributed import barrier, close_distributed, init_distributed
-    from pipeline.train import TrainSettings, _train_epoch, _wrap, evaluate, make_optimizer, warmup_cosine
+    from pipeline.train import TrainSettings, _train_epoch, _wrap, evaluate, make_optimizer, metric_key, warmup_cosine
 
     if not any(hasattr(m, "weight_quantizer") for m in model.modules()):
         raise RepqError("QAT needs a fake-quantized model: run quant.toolkit.quantize on it first")
@@ -59,8 +60,9 @@ def qat(
                              progress=progress)
     ctx = init_distributed(device)
     try:
-        data = data if isinstance(data, ImageData) else load_data(data, val_size=5000 if str(data) != "digits"
-                                                                  else 0.1)
+        data = data if isinstance(data, ImageData | SRData) else load_data(
+            data, val_size=5000 if str(data) != "digits" else 0.1)
+        key = metric_key(data)
         model.to(ctx.device)
         optimizer = make_optimizer(model, settings)
         train_loader, val_loader = build_loaders(data, batch_size, seed=settings.seed)
@@ -75,7 +77,7 @@ def qat(
             scheduler.load_state_dict(extra["scheduler"])
             start, history = int(extra["epoch"]), list(extra.get("history", []))
         net = _wrap(model, settings, ctx)
-        best = max((h["val_top1"] for h in history), default=-1.0)
+        best = max((h[key] for h in history), default=-float("inf"))
         for epoch in range(start, epochs):
             set_loader_epoch(train_loader, epoch)
             stats = _train_epoch(net, model, train_loader, optimizer, scheduler, None, None, settings, ctx,
@@ -87,10 +89,10 @@ def qat(
                 extra = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "history": history}
                 save_quantized(model, last_path, extra)
-                if record["val_top1"] > best:
+                if record[key] > best:
                     save_quantized(model, best_path, extra)
                 atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-            best = max(best, record["val_top1"])
+            best = max(best, record[key])
             barrier(ctx)
     finally:
         close_distributed(ctx)

@@ -64,6 +64,8 @@ class DataSpec(Strict):
     split_seed: int = Field(0, ge=0, description="seed of the val split (kept apart from the training seed)")
     workers: int = Field(0, ge=0, description="data-loader worker processes")
     scale: int = Field(2, ge=2, le=4, description="super-resolution factor")
+    patch: int = Field(32, ge=8, description="super-resolution: low-resolution training patch size (pixels)")
+    patches_per_image: int = Field(32, ge=1, description="super-resolution: training patches per image and epoch")
 
 
 # ---------------------------------------------------------------- stage settings
@@ -395,6 +397,18 @@ def stage_names() -> tuple[str, ...]:
     return STAGE_ORDER
 
 
+def load_recipe_data(spec: DataSpec):
+    """The recipe's data: an ImageData (classification) or SRData (super-resolution)."""
+    if spec.task == "super_resolution":
+        from calibration.sr import load_sr_data
+
+        return load_sr_data(spec.source, spec.val_source, spec.scale, patch=spec.patch,
+                            per_image=spec.patches_per_image, seed=spec.split_seed)
+    from calibration.datasets import load_data
+
+    return load_data(spec.source, preset=spec.preset, val_size=spec.val_size, seed=spec.split_seed)
+
+
 def train_settings(recipe: Recipe):
     """pipeline.train.TrainSettings for this recipe: the train stage's section plus model, data and seed."""
     from pipeline.train import TrainSettings as Full
@@ -402,9 +416,6 @@ def train_settings(recipe: Recipe):
     if recipe.model.convert is not None:
         raise RepqError(f"model.convert={recipe.model.convert} (re-parametrizing a torchvision CNN) is not wired "
                         "into training yet: use a zoo model such as resnet18_acb (`repq models`)")
-    if recipe.data.task != "classification":
-        raise RepqError(f"data.task={recipe.data.task}: the train stage trains classifiers only so far; "
-                        "use `repq eval` to score a super-resolution checkpoint")
     stage = recipe.stages.train.model_dump(exclude={"enabled"})
     return Full(**stage, model=recipe.model.name, width_mult=recipe.model.width_mult,
                 model_kwargs=recipe.model.kwargs, seed=recipe.seed, split_seed=recipe.data.split_seed,

@@ -28,15 +28,14 @@ FLOAT_LABEL = "FP32"
 
 
 @functools.lru_cache(maxsize=4)
-def _load(source: str, preset: str, val_size: float, split_seed: int):
-    from calibration.datasets import load_data
+def _load(data_spec: str):
+    from pipeline.recipe import DataSpec, load_recipe_data
 
-    return load_data(source, preset=preset, val_size=val_size, seed=split_seed)
+    return load_recipe_data(DataSpec.model_validate_json(data_spec))
 
 
 def _data(ctx: StageContext):
-    d = ctx.recipe.data
-    return _load(d.source, d.preset, d.val_size, d.split_seed)
+    return _load(ctx.recipe.data.model_dump_json())
 
 
 def _val_loader(data):
@@ -45,8 +44,9 @@ def _val_loader(data):
     return build_loaders(data, min(64, len(data.train)), eval_batch_size=256)[1]
 
 
-def _torch_accuracy(model: torch.nn.Module, loader) -> dict:
-    from engines.timing import topk_accuracy
+def _torch_score(model: torch.nn.Module, loader) -> dict:
+    """Top-1/top-5 in PyTorch over the val split (PSNR for super-resolution)."""
+    from engines.timing import score
 
     model.eval()
 
@@ -54,7 +54,17 @@ def _torch_accuracy(model: torch.nn.Module, loader) -> dict:
         with torch.no_grad():
             return model(torch.from_numpy(images)).float().numpy()
 
-    return topk_accuracy(predict, loader)
+    return score(predict, loader)
+
+
+def _metric(result: dict) -> str:
+    """The figure a score reports: psnr for super-resolution, top1 otherwise."""
+    return "psnr" if "psnr" in result or "val_psnr" in result else "top1"
+
+
+def _describe(result: dict) -> str:
+    key = _metric(result)
+    return f"PSNR {result[key]:.2f} dB" if key == "psnr" else f"top-1 {result[key]:.2f}%"
 
 
 def _slug(method: str) -> str:
@@ -79,8 +89,9 @@ def _last_checkpoint(ctx: StageContext) -> tuple[str, Path, dict]:
 
 
 def _float_ladder(method: str, trained: dict) -> list[dict]:
-    return [{"step": "train", "method": method, "top1": trained["val_top1"]},
-            {"step": "fused", "method": method, "top1": trained["deploy_val_top1"]}]
+    key = _metric(trained)
+    return [{"step": "train", "method": method, key: trained[f"val_{key}"]},
+            {"step": "fused", "method": method, key: trained[f"deploy_val_{key}"]}]
 
 
 def _quantized_artifacts(ctx: StageContext) -> dict[str, tuple[str, Path, str]]:
@@ -99,8 +110,8 @@ def _quantized_artifacts(ctx: StageContext) -> dict[str, tuple[str, Path, str]]:
 def _trained_result(summary: dict, label: str) -> dict:
     best = summary["best"]
     return {"outputs": {"checkpoint": "best.pt", "last": "last.pt"},
-            "metrics": {"label": label, "epochs": summary["epochs"], "val_top1": best["val_top1"],
-                        "deploy_val_top1": best["deploy_val_top1"],
+            "metrics": {"label": label, "epochs": summary["epochs"],
+                        **{k: v for k, v in best.items() if k.startswith(("val_", "deploy_val_"))},
                         "ladder": _float_ladder(label, best)}}
 
 
@@ -148,8 +159,8 @@ def ptq_stage(ctx: StageContext):
             file = f"{_slug(method)}.pt"
             save_quantized(quantized, ctx.path(file), {"data": data.describe(), "source": str(path)})
             artifacts[method] = {"kind": "toolkit", "file": file, "base": label}
-            accuracy = _torch_accuracy(quantized, val)
-            ctx.log(f"  {method}: fake-quant top-1 {accuracy['top1']:.2f}%")
+            accuracy = _torch_score(quantized, val)
+            ctx.log(f"  {method}: fake-quant {_describe(accuracy)}")
             ladder += [*_float_ladder(method, trained), {"step": "fakequant", "method": method, **accuracy}]
     return {"outputs": {}, "metrics": {"artifacts": artifacts, "ladder": ladder}}
 
@@ -172,7 +183,7 @@ def qat_stage(ctx: StageContext):
     if ctx.rank:
         return None
     method = f"{label} QAT {s.calibrator}"
-    accuracy = _torch_accuracy(result["model"], _val_loader(_data(ctx)))
+    accuracy = _torch_score(result["model"], _val_loader(_data(ctx)))
     return {"outputs": {}, "metrics": {
         "artifacts": {method: {"kind": "toolkit", "file": "best.pt", "base": label}},
         "ladder": [*_float_ladder(method, trained), {"step": "fakequant", "method": method, **accuracy}]}}
@@ -201,7 +212,7 @@ def repq_stage(ctx: StageContext):
                          "state_dict": model.state_dict(), "data": data.describe()}, ctx.path(file))
             artifacts[method] = {"kind": "repq", "file": file, "base": label}
             ladder += _float_ladder(method, trained)
-            ladder.append({"step": "fakequant", "method": method, **_torch_accuracy(model, val)})
+            ladder.append({"step": "fakequant", "method": method, **_torch_score(model, val)})
     return {"outputs": {}, "metrics": {"artifacts": artifacts, "ladder": ladder}}
 
 
@@ -223,12 +234,13 @@ def export_stage(ctx: StageContext):
     from reparam.io import atomic_write_bytes
 
     s, data = ctx.settings, _data(ctx)
-    shape = (1, 3, data.preset.image_size, data.preset.image_size)
+    shape, dynamic_size = data.input_shape, data.task == "super_resolution"
     meta = json.dumps(data.describe())
     files = {}
     for label, (path, _) in _checkpoints(ctx).items():
         model, _ = load_model_checkpoint(path)
-        graph = export_float(deploy_copy(model.eval()), shape, s.opset, s.dynamic_batch)
+        graph = export_float(deploy_copy(model.eval()), shape, s.opset, s.dynamic_batch,
+                             dynamic_size=dynamic_size)
         graph.metadata_props.add(key="repq.data", value=meta)
         file = f"{_slug(label)}_fp32.onnx"
         atomic_write_bytes(ctx.path(file), graph.SerializeToString())
@@ -240,11 +252,12 @@ def export_stage(ctx: StageContext):
             file = f"{_slug(method)}{get_target(placement).suffix}"
             if kind == "repq":
                 export_quantized(model, ctx.path(file), placement, shape, opset=s.opset,
-                                 dynamic_batch=s.dynamic_batch)
+                                 dynamic_batch=s.dynamic_batch, dynamic_size=dynamic_size)
             else:
                 from engines.export import export_onnx
 
-                export_onnx(model, ctx.path(file), placement, shape, opset=s.opset, dynamic_batch=s.dynamic_batch)
+                export_onnx(model, ctx.path(file), placement, shape, opset=s.opset, dynamic_batch=s.dynamic_batch,
+                            dynamic_size=dynamic_size)
             _add_metadata(ctx.path(file), meta)
             files[file] = {"method": method, "bits": _bits(method), "placement": placement, "base": base}
     return {"outputs": {}, "metrics": {"files": files}}
@@ -319,7 +332,7 @@ def engine_stage(ctx: StageContext):
             ladder.append({"step": "engine", "method": entry["method"], **accuracy})
         methods.append({"method": entry["method"], "bits": entry["bits"], "engine": target, "base": entry["base"],
                         **accuracy})
-        ctx.log(f"  {entry['method']} on {target}: top-1 {accuracy['top1']:.2f}%")
+        ctx.log(f"  {entry['method']} on {target}: {_describe(accuracy)}")
     return {"outputs": {}, "metrics": {"ladder": ladder, "methods": methods, "skipped": skipped}}
 
 
@@ -331,7 +344,7 @@ def bench_stage(ctx: StageContext):
     """
     s = ctx.settings
     data = _data(ctx)
-    image = (3, data.preset.image_size, data.preset.image_size)
+    image = data.input_shape[1:]
     methods, timings = [], []
     for path, entry, target, parity_only in _engine_runs(ctx)[0]:
         if parity_only:

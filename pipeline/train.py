@@ -27,6 +27,7 @@ from torch import nn
 
 from calibration.datasets import ImageData, check_finite, load_data
 from calibration.loaders import build_loaders, set_loader_epoch
+from calibration.sr import SRData
 from pipeline.distributed import (
     DistContext,
     all_reduce_sum,
@@ -87,6 +88,28 @@ def build_model(settings: TrainSettings, num_classes: int, cifar: bool) -> nn.Mo
     if settings.width_mult is not None:
         kwargs["width_mult"] = settings.width_mult
     return create_model(settings.model, **kwargs)
+
+
+def build_model_for(settings: TrainSettings, data: ImageData | SRData) -> nn.Module:
+    """The model `settings` names, shaped for `data`: its classes (and cifar stem for small images), or its
+    super-resolution scale."""
+    if isinstance(data, SRData):
+        from reparam import create_model
+
+        return create_model(settings.model, **{"scale": data.scale, **settings.model_kwargs})
+    return build_model(settings, data.num_classes, cifar=data.preset.image_size <= 64)
+
+
+def metric_key(data: ImageData | SRData) -> str:
+    """The validation figure training keeps the best checkpoint by (higher is better)."""
+    return "val_psnr" if isinstance(data, SRData) else "val_top1"
+
+
+def task_loss(outputs: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy on class labels; L1 on images (super-resolution targets, as ECBSR trains)."""
+    if targets.is_floating_point():
+        return F.l1_loss(outputs.float(), targets)
+    return F.cross_entropy(outputs.float(), targets, label_smoothing=label_smoothing)
 
 
 def load_model_checkpoint(path: str | Path, expect_arch: str | None = None) -> tuple[nn.Module, dict]:
@@ -229,13 +252,16 @@ def autocast_dtype(settings: TrainSettings, device: torch.device) -> torch.dtype
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, ctx: DistContext, channels_last: bool = False,
              reference: nn.Module | None = None) -> dict:
-    """Top-1 (and top-5 over more than 5 classes) in percent, counted over all ranks.
+    """Top-1 (and top-5 over more than 5 classes) in percent, counted over all ranks; or, for a val set that
+    scores itself (super-resolution), its score (PSNR), which every rank computes over all images.
 
-    With `reference`, also the largest |logit difference| between the two models on the same images.
+    With `reference`, also the largest |output difference| between the two models on the same images.
     """
     model.eval()
     if reference is not None:
         reference.eval()
+    if hasattr(loader, "score"):
+        return _self_scored(model, loader, ctx, reference)
     correct1 = correct5 = count = 0.0
     gap, scale, num_classes = 0.0, 0.0, 0
     for images, labels in loader:
@@ -260,16 +286,36 @@ def evaluate(model: nn.Module, loader, ctx: DistContext, channels_last: bool = F
     return result
 
 
+def _self_scored(model: nn.Module, loader, ctx: DistContext, reference: nn.Module | None) -> dict:
+    gap, scale = 0.0, 0.0
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        nonlocal gap, scale
+        x = torch.from_numpy(images).to(ctx.device, _dtype_of(model))
+        out = model(x).float()
+        if reference is not None:
+            other = reference(x).float()
+            gap, scale = max(gap, float((out - other).abs().max())), max(scale, float(other.abs().max()))
+        return out.cpu().numpy()
+
+    result = loader.score(predict)
+    result["count"] = result.pop("images")
+    if reference is not None:
+        result["max_logit_diff"], result["logit_scale"] = gap, scale
+    return result
+
+
 def evaluate_with_deploy(model: nn.Module, loader, ctx: DistContext, channels_last: bool) -> dict:
     """Score the train-form model and its fused deploy form; they must agree (printed as a sanity check)."""
     from reparam import fuse_model
 
     plain = _plain_copy(model)
     train_form = evaluate(plain, loader, ctx, channels_last)
-    deploy_form = evaluate(fuse_model(plain), loader, ctx, channels_last, reference=plain)
+    deploy_form = evaluate(fuse_model(_plain_copy(model)), loader, ctx, channels_last, reference=plain)
     gap = deploy_form["max_logit_diff"]
     agrees = gap <= 1e-3 * max(1.0, deploy_form["logit_scale"])
-    metrics = {"val_top1": train_form["top1"], "deploy_val_top1": deploy_form["top1"],
+    key = "psnr" if "psnr" in train_form else "top1"
+    metrics = {f"val_{key}": train_form[key], f"deploy_val_{key}": deploy_form[key],
                "deploy_max_logit_diff": gap, "deploy_agrees": agrees}
     if "top5" in train_form:
         metrics["val_top5"], metrics["deploy_val_top5"] = train_form["top5"], deploy_form["top5"]
@@ -313,14 +359,15 @@ def _to_device(images, labels, device, channels_last, dtype=torch.float32):
 
 def train(
     settings: TrainSettings,
-    data: ImageData | str,
+    data: ImageData | SRData | str,
     out_dir: str | Path,
     resume: bool = False,
     on_step: Callable[[int, int], None] | None = None,
     recipe: dict | None = None,
     initial_model: nn.Module | None = None,
 ) -> dict:
-    """Train `settings.model` on `data` (an ImageData, `digits` or an ImageFolder path) into `out_dir`.
+    """Train `settings.model` on `data` (an ImageData, `digits`, an ImageFolder path, or super-resolution
+    SRData) into `out_dir`.
 
     Runs as one process, or as one rank of a torchrun group (NCCL on GPUs, gloo on CPUs); only rank 0 writes.
     `resume=True` continues from `out_dir/last.pt`. `on_step(epoch, global_step)` is called after every step.
@@ -336,8 +383,8 @@ def train(
         close_distributed(ctx)
 
 
-def _load_data_once(settings: TrainSettings, data, ctx: DistContext) -> ImageData:
-    if isinstance(data, ImageData):
+def _load_data_once(settings: TrainSettings, data, ctx: DistContext) -> ImageData | SRData:
+    if isinstance(data, ImageData | SRData):
         return data
     def load() -> ImageData:
         return load_data(data, preset=settings.preset, val_size=settings.val_size, seed=settings.split_seed)
@@ -354,9 +401,10 @@ def _train(settings, data, out: Path, resume, on_step, ctx: DistContext, recipe,
         raise RepqError(f"{out} already holds a training run: pass --resume to continue it or choose another "
                         "--out")
     data = _load_data_once(settings, data, ctx)
+    key = metric_key(data)
     seed_everything(settings.seed)
     if initial_model is None:
-        model = build_model(settings, data.num_classes, cifar=data.preset.image_size <= 64).to(ctx.device)
+        model = build_model_for(settings, data).to(ctx.device)
     else:
         model = copy.deepcopy(initial_model).to(ctx.device)
     channels_last = settings.channels_last and ctx.device.type == "cuda"
@@ -381,11 +429,12 @@ def _train(settings, data, out: Path, resume, on_step, ctx: DistContext, recipe,
     dtype = autocast_dtype(settings, ctx.device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     net = _wrap(model, settings, ctx)
-    best = max((h["val_top1"] for h in history), default=-1.0)
+    best = max((h[key] for h in history), default=-math.inf)
     if ctx.is_main:
         params = sum(p.numel() for p in model.parameters()) / 1e6
+        kind = f"x{data.scale} super-resolution" if isinstance(data, SRData) else f"{data.num_classes} classes"
         print(f"training {settings.model} ({params:.2f} M params) on {data.name}: {len(data.train)} train / "
-              f"{len(data.val)} val images, {data.num_classes} classes, {ctx.world_size} process(es) on "
+              f"{len(data.val)} val images, {kind}, {ctx.world_size} process(es) on "
               f"{ctx.device}, {dtype or torch.float32}", file=sys.stderr)
 
     for epoch in range(start_epoch, settings.epochs):
@@ -395,8 +444,8 @@ def _train(settings, data, out: Path, resume, on_step, ctx: DistContext, recipe,
         metrics = evaluate_with_deploy(model, val_loader, ctx, channels_last)
         record = {"epoch": epoch + 1, **stats, **metrics, "lr": optimizer.param_groups[0]["lr"]}
         history.append(record)
-        improved = record["val_top1"] > best
-        best = max(best, record["val_top1"])
+        improved = record[key] > best
+        best = max(best, record[key])
         if ctx.is_main:
             _report(record, settings.epochs)
             ckpt = _checkpoint(model, optimizer, scheduler, epoch + 1, settings, data, history, recipe)
@@ -406,7 +455,7 @@ def _train(settings, data, out: Path, resume, on_step, ctx: DistContext, recipe,
             atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
         barrier(ctx)
 
-    best_record = max(history, key=lambda h: h["val_top1"]) if history else {}
+    best_record = max(history, key=lambda h: h[key]) if history else {}
     return {"best": best_record, "last": history[-1] if history else {}, "epochs": len(history),
             "rank": ctx.rank, "last_checkpoint": str(last_path), "best_checkpoint": str(best_path),
             "out_dir": str(out)}
@@ -429,15 +478,17 @@ def _train_epoch(net, model, loader, optimizer, scheduler, scaler, dtype, settin
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="step", leave=False,
                disable=not (ctx.is_main and settings.progress), file=sys.stderr, mininterval=1.0)
     loss_sum = correct = seen = 0.0
+    classifying = True
     start = time.perf_counter()
     for step, (images, labels) in enumerate(loader):
         if step >= steps:
             break
         check_finite(images, f"epoch {epoch + 1}, batch {step}")
+        classifying = not labels.is_floating_point()
         images, labels = _to_device(images, labels, ctx.device, channels_last, _dtype_of(model))
         with torch.autocast(ctx.device.type, dtype=dtype) if dtype else nullcontext():
             logits = net(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=settings.label_smoothing)
+            loss = task_loss(logits, labels, settings.label_smoothing)
         total_loss = loss + regularizer(model, settings)
         if not torch.isfinite(loss):
             raise RepqError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step}: "
@@ -452,27 +503,36 @@ def _train_epoch(net, model, loader, optimizer, scheduler, scaler, dtype, settin
             optimizer.step()
         scheduler.step()
         loss_sum += float(loss.detach()) * len(labels)
-        correct += float((logits.argmax(1) == labels).sum())
+        if not labels.is_floating_point():
+            correct += float((logits.argmax(1) == labels).sum())
         seen += len(labels)
         if on_step is not None:
             on_step(epoch, epoch * steps + step + 1)
         rate = seen * ctx.world_size / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}", img_s=f"{rate:.0f}",
-                        refresh=False)
+        accuracy = {"acc": f"{100 * correct / seen:.1f}"} if classifying else {}
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", **accuracy, img_s=f"{rate:.0f}", refresh=False)
         bar.update(1)
     bar.close()
     elapsed = time.perf_counter() - start
     loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], ctx)
-    return {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
-            "images_per_s": seen / elapsed, "epoch_seconds": elapsed}
+    stats = {"train_loss": loss_sum / max(seen, 1), "images_per_s": seen / elapsed, "epoch_seconds": elapsed}
+    if not classifying:
+        return stats
+    return {**stats, "train_top1": 100.0 * correct / max(seen, 1)}
 
 
 def _report(record: dict, epochs: int) -> None:
+    verdict = "agree" if record["deploy_agrees"] else "DISAGREE (fusion is broken)"
+    if "val_psnr" in record:
+        print(f"epoch {record['epoch']}/{epochs}: train L1 {record['train_loss']:.5f}, val PSNR "
+              f"{record['val_psnr']:.3f} dB, {record['images_per_s']:.0f} patches/s", flush=True)
+        print(f"  deploy check: fused PSNR {record['deploy_val_psnr']:.3f} dB, max |output diff| "
+              f"{record['deploy_max_logit_diff']:.2e}: {verdict}", flush=True)
+        return
     top5 = f", top-5 {record['val_top5']:.2f}%" if "val_top5" in record else ""
     print(f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f}, "
           f"train top-1 {record['train_top1']:.2f}%, val top-1 {record['val_top1']:.2f}%{top5}, "
           f"{record['images_per_s']:.0f} img/s", flush=True)
-    verdict = "agree" if record["deploy_agrees"] else "DISAGREE (fusion is broken)"
     print(f"  deploy check: fused val top-1 {record['deploy_val_top1']:.2f}% vs train-form "
           f"{record['val_top1']:.2f}%, max |logit diff| {record['deploy_max_logit_diff']:.2e}: {verdict}",
           flush=True)

@@ -159,6 +159,11 @@ def model_doc(name: str) -> str:
     return (MODELS[name].__doc__ or "").strip().splitlines()[0]
 
 
+def is_super_resolution(name: str) -> bool:
+    """Whether zoo model `name` maps a low-resolution Y image to a high-resolution one (else: a classifier)."""
+    return name.startswith("ecbsr")
+
+
 def create_model(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
     """Build a zoo model by name; ``deploy=True`` builds its fused form directly (to load fused weights)."""
     if name not in MODELS:

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from reparam import is_super_resolution
 from reparam.errors import RepqError
 
 PRESET_CHOICES = ("cifar", "imagenet", "digits")
@@ -85,9 +86,11 @@ def evaluate_artifact(artifact: str | Path, data: str, *, preset: str | None = N
         scale = scale or record.get("scale")
         if scale is None:
             raise RepqError(f"{path} records no super-resolution scale: pass --scale 2, 3 or 4")
-        psnr, count = psnr_on_folder(predict, data, int(scale))
+        from calibration.sr import SRValidation
+
+        score = SRValidation.from_folder(data, int(scale)).score(predict)
         return {"artifact": str(path), "runtime": runtime, "data": str(data), "task": "super_resolution",
-                "scale": int(scale), "images": count, "psnr": round(psnr, 4)}
+                "scale": int(scale), "images": score["images"], "psnr": round(score["psnr"], 4)}
     preset_name = preset or record.get("preset")
     if preset_name is None:
         raise RepqError(f"{path} records no preprocessing: pass --preset {'|'.join(PRESET_CHOICES)} "
@@ -122,7 +125,7 @@ def _torch_model(path: Path, fuse: bool, threads: int | None):
 
     record = dict(checkpoint.get("data") or {})
     arch = checkpoint.get("arch") or {}
-    if str(arch.get("name", "")).startswith("ecbsr"):
+    if is_super_resolution(str(arch.get("name", ""))):
         record.setdefault("task", "super_resolution")
         record.setdefault("scale", arch.get("kwargs", {}).get("scale", 2))
     return predict, record, "pytorch (fused)" if fuse else "pytorch"
@@ -226,58 +229,3 @@ def _numpy(loader):
         if not np.isfinite(images).all():
             raise RepqError("an evaluation batch holds NaN or inf values: check the images and the preset")
         yield images, labels.numpy()
-
-
-# ---------------------------------------------------------------- super-resolution
-
-
-def rgb_to_y(rgb):
-    """BT.601 luma of RGB in [0, 1] (H, W, 3), in [0, 1]: the Y channel SR papers report PSNR on."""
-    return (16.0 + 65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255.0
-
-
-def sr_pair(path: Path, scale: int):
-    """(low-resolution Y, high-resolution Y) of one image, both float32 in [0, 1]."""
-    import numpy as np
-    from PIL import Image
-
-    from calibration.datasets import decode_image
-
-    image = decode_image(path)
-    width, height = (image.width // scale) * scale, (image.height // scale) * scale
-    if width < 2 * scale or height < 2 * scale:
-        raise RepqError(f"image {path} is too small for x{scale} super-resolution: remove it from the folder")
-    high = image.crop((0, 0, width, height))
-    low = high.resize((width // scale, height // scale), Image.BICUBIC)
-    as_y = lambda im: rgb_to_y(np.asarray(im, dtype=np.float32) / 255.0).astype(np.float32)  # noqa: E731
-    return as_y(low), as_y(high)
-
-
-def psnr(prediction, target, border: int) -> float:
-    import numpy as np
-
-    if border:
-        prediction, target = prediction[border:-border, border:-border], target[border:-border, border:-border]
-    mse = float(np.mean((np.clip(prediction, 0, 1).astype(np.float64) - target) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
-
-
-def psnr_on_folder(predict, data: str, scale: int) -> tuple[float, int]:
-    """Mean PSNR (dB) of ``predict`` (N,1,h,w Y -> N,1,h*s,w*s) over a flat folder of images."""
-    from calibration.datasets import IMAGE_SUFFIXES
-
-    root = Path(data).expanduser()
-    if not root.is_dir():
-        raise RepqError(f"image folder {root} does not exist: pass a folder of images (e.g. Set5)")
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise RepqError(f"{root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}): pass a folder of images")
-    scores = []
-    for path in files:
-        low, high = sr_pair(path, scale)
-        output = predict(low[None, None])
-        if output.shape[-2:] != high.shape:
-            raise RepqError(f"the model turned a {low.shape} input into {output.shape[-2:]}, not {high.shape}: "
-                            f"is it a x{scale} super-resolution model? pass the right --scale")
-        scores.append(psnr(output[0, 0], high, border=scale))
-    return sum(scores) / len(scores), len(scores)

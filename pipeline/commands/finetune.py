@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from reparam.errors import RepqError
@@ -107,6 +106,7 @@ def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_de
              log=print) -> list[float]:
     """SGD (momentum 0.9, cosine to 0) over ``epochs`` of ``train_loader``; returns the per-step losses."""
     from calibration.loaders import set_loader_epoch
+    from pipeline.train import task_loss
 
     total = max(1, int(math.ceil(epochs * len(train_loader))))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -117,7 +117,7 @@ def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_de
     while len(losses) < total:
         set_loader_epoch(train_loader, epoch)
         for images, labels in train_loader:
-            loss = F.cross_entropy(model(images), labels)
+            loss = task_loss(model(images), labels)
             if not torch.isfinite(loss):
                 raise RepqError(f"fine-tuning loss became {loss.item()} at step {len(losses)}: lower --lr")
             optimizer.zero_grad(set_to_none=True)

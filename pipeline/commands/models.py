@@ -46,10 +46,10 @@ def _median_latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> fl
 def check_fuse(name: str, num_classes: int = 1000, image_size: int = 224, width_mult: float | None = None,
                runs: int = 20) -> dict:
     """Fused vs train-form eval output (relative error) and median CPU latency at batch 1."""
-    from reparam import create_model, fuse_model
+    from reparam import create_model, fuse_model, is_super_resolution
 
     kwargs = {} if width_mult is None else {"width_mult": width_mult}
-    if name.startswith("ecbsr"):
+    if is_super_resolution(name):
         model, shape = create_model(name, **kwargs), (1, 1, image_size, image_size)
     else:
         model, shape = create_model(name, num_classes=num_classes, **kwargs), (1, 3, image_size, image_size)

@@ -2,6 +2,8 @@
 
     repq train --out runs/digits                                  # embedded digits, default model
     repq train --data ../shared/datasets/cifar10 --model repvgg_a0 --width-mult 0.25 --epochs 30 --out DIR
+    repq train --model ecbsr_m4c8 --data ../shared/datasets/sr/BSD68 --val-data ../shared/datasets/sr/Set5 \
+        --scale 2 --optimizer adamw --lr 5e-4 --weight-decay 0 --label-smoothing 0 --out DIR   # super-resolution
     torchrun --nproc_per_node 2 -m pipeline.cli train ... --out DIR        # DDP: gloo on CPUs, NCCL on GPUs
 """
 
@@ -33,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any training setting, e.g. --set nesterov=false (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
+    parser.add_argument("--val-data", help="super-resolution models: folder of validation images (e.g. Set5); "
+                        "default: a tenth of --data held out")
+    parser.add_argument("--scale", type=int, default=2, choices=(2, 3, 4), help="super-resolution factor")
     helps = {"model": f"zoo model (`repq models`); default {DEFAULT_MODEL} at width {DEFAULT_WIDTH}",
              "width_mult": "channel width multiplier (default: the model's own)"}
     for name, kind in FLAGS.items():
@@ -95,11 +100,19 @@ def _one_line(err: ValidationError, model) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.train import train
+    from reparam import is_super_resolution
 
     settings = settings_from_args(args)
-    summary = train(settings, args.data, args.out, resume=args.resume)
+    data = args.data
+    if is_super_resolution(settings.model):
+        from calibration.sr import load_sr_data
+
+        data = load_sr_data(args.data, args.val_data, args.scale, seed=settings.split_seed)
+    summary = train(settings, data, args.out, resume=args.resume)
     best = summary["best"]
     if best and summary["rank"] == 0:
-        print(f"best val top-1 {best['val_top1']:.2f}% at epoch {best['epoch']} "
-              f"(deploy form {best['deploy_val_top1']:.2f}%); checkpoints in {summary['out_dir']}")
+        key = "psnr" if "val_psnr" in best else "top1"
+        unit = " dB" if key == "psnr" else "%"
+        print(f"best val {key} {best[f'val_{key}']:.2f}{unit} at epoch {best['epoch']} "
+              f"(deploy form {best[f'deploy_val_{key}']:.2f}{unit}); checkpoints in {summary['out_dir']}")
     return 0
