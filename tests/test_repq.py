@@ -64,7 +64,7 @@ def test_eval_equals_fused_block_with_hand_quantized_weight_and_input(kind, stri
         assert torch.allclose(out, expected, atol=1e-5)
         assert torch.allclose(deployed(x), out, atol=1e-6)
         codes = deployed.weight / sw
-        assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 8
+        assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 8 + 1e-4
 
 
 def _bn_inputs(block: nn.Module, x: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -339,3 +339,38 @@ def test_unsigned_activations_keep_the_image_input_signed():
     layers = [m for m in model.modules() if isinstance(m, (RepQBlock, LSQLinear))]
     assert layers[0].input_quantizer.signed and layers[0].input_quantizer.qn == -128
     assert all(not m.input_quantizer.signed and m.input_quantizer.qn == 0 for m in layers[1:])
+
+
+def test_bnest_first_batch_calibration_keeps_a_trained_model_the_same_function(pretrained_on_cifar):
+    """Train-mode forwards with no weight update move BN running statistics towards the batch statistics.
+    RepQ-BN's are exact, so the function stays; BNEst's uncorrected estimates (equation 6 ignores the
+    covariance of real activations) drift it away; the first-batch correction keeps it where RepQ-BN is."""
+    fp, x, _ = pretrained_on_cifar
+    with torch.no_grad():
+        reference = fp.eval()(x)
+
+    def drift(mode: str, **kwargs) -> float:
+        model = wrap_model(copy.deepcopy(fp), mode, 8, 8, **kwargs).train()
+        with torch.no_grad():
+            for start in range(0, len(x), 16):
+                model(x[start:start + 16])
+            out = model.eval()(x)
+        return ((out - reference).norm() / reference.norm()).item()
+
+    exact, corrected, paper = drift("bn"), drift("bnest"), drift("bnest", bnest_calibrate=False)
+    assert corrected < 2 * exact + 0.02
+    assert paper > 2 * corrected
+
+
+def test_bnest_correction_buffers_survive_a_save_and_rebuild(tmp_path):
+    from pipeline.commands.finetune import rebuild
+
+    model = create_model("repvgg_a0", num_classes=4, cifar=True, width_mult=0.125)
+    wrapped = wrap_model(model, "bnest", 8, 8).train()
+    wrapped(torch.randn(4, 3, 16, 16))
+    block = next(m for m in wrapped.modules() if isinstance(m, RepQBlock))
+    assert bool(block.bnest_calibrated)
+    state = wrapped.state_dict()
+    again = rebuild({"arch": model.repq_arch, "quant": wrapped.repq_quant, "state_dict": state})
+    for key, value in again.state_dict().items():
+        assert torch.equal(value, state[key]), key

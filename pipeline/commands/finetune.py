@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------ model
 
 
-def quantized_model(float_model: nn.Module, method: str, w_bits: int, a_bits: int, act_signed: bool = True
-                    ) -> nn.Module:
+def quantized_model(float_model: nn.Module, method: str, w_bits: int, a_bits: int, act_signed: bool = True,
+                    bnest_calibrate: bool = True) -> nn.Module:
     """The model to fine-tune: RepQ-wrapped blocks, or (merged) LSQ on the fused convs."""
     from quant.lsq import quantize_plain_layers
     from quant.repq import raise_first_last_bits, sign_first_input, wrap_model
@@ -68,7 +68,7 @@ def quantized_model(float_model: nn.Module, method: str, w_bits: int, a_bits: in
         sign_first_input(model)
         model.repq_quant = {"method": "merged", "w_bits": w_bits, "a_bits": a_bits, "act_signed": act_signed}
         return model
-    return wrap_model(float_model, method, w_bits, a_bits, act_signed=act_signed)
+    return wrap_model(float_model, method, w_bits, a_bits, act_signed=act_signed, bnest_calibrate=bnest_calibrate)
 
 
 def rebuild(ckpt: dict) -> nn.Module:
@@ -78,7 +78,7 @@ def rebuild(ckpt: dict) -> nn.Module:
     quant = ckpt["quant"]
     method = quant.get("mode", quant["method"]) if quant["method"] == "repq" else quant["method"]
     model = quantized_model(model_from_arch(ckpt["arch"]), method, quant["w_bits"], quant["a_bits"],
-                            quant.get("act_signed", True))
+                            quant.get("act_signed", True), quant.get("bnest_calibrate", True))
     model.load_state_dict(ckpt["state_dict"])
     return model
 
