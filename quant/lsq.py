@@ -161,8 +161,13 @@ class LSQQuantizer(nn.Module):
         self.step.copy_(step.to(self.step))
         self.initialized.fill_(True)
 
+    def effective_step(self) -> Tensor:
+        """The step in use: the learned value's magnitude. An SGD step can push a small step through zero
+        (CIFAR RepVGG-A0, lr 0.01); clamping it would zero that channel and stop its gradient for good."""
+        return self.step.abs().clamp_min(_MIN_STEP)
+
     def broadcast_step(self, x: Tensor) -> Tensor:
-        step = self.step.clamp_min(_MIN_STEP)
+        step = self.effective_step()
         if not self.per_channel:
             return step.reshape(())
         shape = [1] * x.dim()
@@ -319,8 +324,8 @@ def export_ranges(model: nn.Module) -> dict[str, tuple[float, Tensor]]:
                             f"{'signed' if aq.signed else 'unsigned'}: int8 Q/DQ export needs 8-bit signed "
                             f"activations (lower bit widths are for simulation): fine-tune with a_bits=8")
         qp = 2 ** (8 - 1) - 1
-        in_amax = float(aq.step.detach().clamp_min(_MIN_STEP).reshape(-1)[0]) * qp
-        steps = wq.step.detach().clamp_min(_MIN_STEP).float().cpu().reshape(-1)
+        in_amax = float(aq.effective_step().detach().reshape(-1)[0]) * qp
+        steps = wq.effective_step().detach().float().cpu().reshape(-1)
         ranges[name] = (in_amax, steps.expand(layer.weight.shape[0]) * qp)
     return ranges
 

@@ -150,3 +150,20 @@ def test_quantize_plain_layers_swaps_convs_and_linears_and_trains():
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_a_step_pushed_through_zero_quantizes_with_its_magnitude_and_keeps_a_gradient():
+    from quant.lsq import export_ranges
+
+    weights = torch.tensor([[0.303, -0.417], [0.1231, 0.0507]])
+    q = _quantizer(8, True, [0.01, -0.002], channels=2)
+    out = q(weights.reshape(2, 2, 1, 1)).reshape(2, 2)
+    hand = torch.stack([torch.clamp(torch.round(weights[c] / s), -128, 127) * s
+                        for c, s in enumerate((0.01, 0.002))])
+    assert torch.allclose(out, hand, atol=1e-7)  # not a dead channel quantized with a clamped step
+    out.sum().backward()
+    assert q.step.grad is not None and q.step.grad[1] != 0
+    conv = LSQConv2d(2, 2, 1)
+    conv.weight_quantizer, conv.input_quantizer = q, _quantizer(8, True, -0.05)
+    (in_amax, w_amax), = export_ranges(nn.Sequential(conv)).values()
+    assert in_amax == pytest.approx(0.05 * 127) and torch.allclose(w_amax, torch.tensor([0.01, 0.002]) * 127)
