@@ -68,8 +68,6 @@ class SRValidation:
     runtime (PyTorch, ONNX Runtime, OpenVINO) reports for this task.
     """
 
-    task = TASK
-
     def __init__(self, pairs: list[tuple[np.ndarray, np.ndarray]], scale: int, name: str = ""):
         self.pairs, self.scale, self.name = pairs, scale, name
 
@@ -102,8 +100,6 @@ class SRPatches(Dataset):
     """Aligned (low, high) patches of training images, `per_image` per image and epoch, with flips and
     transposes. Crops are seeded by (seed, epoch, index) like ImageSet's augmentation: reproducible on any
     rank and after a resume."""
-
-    task = TASK
 
     def __init__(self, pairs: list[tuple[np.ndarray, np.ndarray]], scale: int, patch: int, per_image: int,
                  seed: int = 0, augment: bool = True):

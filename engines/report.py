@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.timing import quality_key
 from reparam.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 LADDER_STEPS: dict[str, str] = {
@@ -51,11 +52,6 @@ CURVE_SKIP = ("epoch", "step", "lr", "time_s", "images_per_s")
 # ---------------------------------------------------------------- metrics
 
 
-def quality_key(rows: list[dict]) -> str:
-    """The figure a run is judged by: ``psnr`` for super-resolution, ``top1`` for classification."""
-    return "psnr" if any("psnr" in r for r in rows) else "top1"
-
-
 def _row_key(row: dict) -> tuple:
     return (row.get("method"), row.get("bits"), row.get("engine"))
 
@@ -76,7 +72,7 @@ def add_drops(methods: list[dict], ladder: list[dict]) -> list[dict]:
     """``int8_drop`` = FP32 top-1 (or PSNR) minus the row's. The reference is the FP32 row of the same float
     model (``base``) on the same engine, else any FP32 row on that engine, else the fused FP32 model of the
     ladder."""
-    key = quality_key(methods + ladder)
+    key = quality_key(*methods, *ladder)
     fp32 = {(row.get("base"), row.get("engine")): row[key] for row in methods if _is_fp32(row) and key in row}
     per_engine = {engine: value for (_, engine), value in fp32.items()}
     fallback = next(iter(fp32.values()), None)
@@ -97,7 +93,7 @@ def add_drops(methods: list[dict], ladder: list[dict]) -> list[dict]:
 def ladder_table(ladder: list[dict]) -> tuple[list[str], list[dict]]:
     """(steps present, rows): a row per method, {"method", <step>: top1 (or psnr), ..., "lost_at": "a -> b
     (-x.xx)"}."""
-    key = quality_key(ladder)
+    key = quality_key(*ladder)
     shared = {e["step"]: e[key] for e in ladder if not e.get("method") and key in e}
     methods = list(dict.fromkeys(e["method"] for e in ladder if e.get("method")))
     rows = []
@@ -207,7 +203,7 @@ def _pyplot():
 
 
 def plot_accuracy_latency(methods: list[dict]) -> bytes | None:
-    key = quality_key(methods)
+    key = quality_key(*methods)
     points = [r for r in methods if _number(r.get(key)) and _number(r.get("latency_ms"))]
     if not points:
         return None
@@ -334,14 +330,14 @@ def _sections(metrics: dict[str, Any]) -> list[tuple[str, str, list[str], list[l
         header = ["Method"] + [LADDER_STEPS[s] for s in steps] + ["Largest loss"]
         rows = [[str(r["method"])] + [_fmt(r.get(s)) for s in steps] + [r.get("lost_at", "")]
                 for r in ladder_rows]
-        figure = "PSNR (dB)" if quality_key(metrics.get("ladder", [])) == "psnr" else "Top-1 (%)"
+        figure = "PSNR (dB)" if quality_key(*metrics.get("ladder", [])) == "psnr" else "Top-1 (%)"
         sections.append(("Parity ladder", f"{figure} of the same model at each step from training to the "
                          "INT8 engine: the largest loss says where accuracy goes.", header, rows))
     methods = metrics.get("methods", [])
     if methods:
         columns = [(k, h) for k, h in METHOD_COLUMNS if any(k in r for r in methods)]
         rows = [[_method_cell(r, k) for k, _ in columns] for r in methods]
-        figure = ("PSNR (dB) measured on the engine; drop in dB" if quality_key(methods) == "psnr" else
+        figure = ("PSNR (dB) measured on the engine; drop in dB" if quality_key(*methods) == "psnr" else
                   "Accuracy measured on the engine; drop in points")
         sections.append(("Methods", f"{figure} against FP32 on the "
                          "same engine; latency and throughput measured on the engine itself.",

@@ -72,6 +72,12 @@ def speedup(reference: LatencyStats, candidate: LatencyStats) -> float:
     return ref / cand
 
 
+def quality_key(*results: dict) -> str:
+    """The figure results are judged by: ``psnr`` (super-resolution) when any holds it, bare or as ``val_psnr``,
+    else ``top1``."""
+    return "psnr" if any("psnr" in r or "val_psnr" in r for r in results) else "top1"
+
+
 def score(predict: Callable[[np.ndarray], np.ndarray], loader, to_numpy: Callable | None = None) -> dict:
     """The task's quality metric of `predict` over `loader`: a loader that scores itself does (super-resolution
     validation: PSNR); otherwise top-k accuracy over (images, labels) batches (`to_numpy` prepares them)."""

@@ -57,13 +57,10 @@ def _torch_score(model: torch.nn.Module, loader) -> dict:
     return score(predict, loader)
 
 
-def _metric(result: dict) -> str:
-    """The figure a score reports: psnr for super-resolution, top1 otherwise."""
-    return "psnr" if "psnr" in result or "val_psnr" in result else "top1"
-
-
 def _describe(result: dict) -> str:
-    key = _metric(result)
+    from engines.timing import quality_key
+
+    key = quality_key(result)
     return f"PSNR {result[key]:.2f} dB" if key == "psnr" else f"top-1 {result[key]:.2f}%"
 
 
@@ -89,7 +86,9 @@ def _last_checkpoint(ctx: StageContext) -> tuple[str, Path, dict]:
 
 
 def _float_ladder(method: str, trained: dict) -> list[dict]:
-    key = _metric(trained)
+    from engines.timing import quality_key
+
+    key = quality_key(trained)
     return [{"step": "train", "method": method, key: trained[f"val_{key}"]},
             {"step": "fused", "method": method, key: trained[f"deploy_val_{key}"]}]
 

@@ -28,6 +28,7 @@ from torch import nn
 from calibration.datasets import ImageData, check_finite, load_data
 from calibration.loaders import build_loaders, set_loader_epoch
 from calibration.sr import SRData
+from engines.timing import quality_key
 from pipeline.distributed import (
     DistContext,
     all_reduce_sum,
@@ -311,10 +312,10 @@ def evaluate_with_deploy(model: nn.Module, loader, ctx: DistContext, channels_la
 
     plain = _plain_copy(model)
     train_form = evaluate(plain, loader, ctx, channels_last)
-    deploy_form = evaluate(fuse_model(_plain_copy(model)), loader, ctx, channels_last, reference=plain)
+    deploy_form = evaluate(fuse_model(plain), loader, ctx, channels_last, reference=plain)  # fuses a copy
     gap = deploy_form["max_logit_diff"]
     agrees = gap <= 1e-3 * max(1.0, deploy_form["logit_scale"])
-    key = "psnr" if "psnr" in train_form else "top1"
+    key = quality_key(train_form)
     metrics = {f"val_{key}": train_form[key], f"deploy_val_{key}": deploy_form[key],
                "deploy_max_logit_diff": gap, "deploy_agrees": agrees}
     if "top5" in train_form:
@@ -503,7 +504,7 @@ def _train_epoch(net, model, loader, optimizer, scheduler, scaler, dtype, settin
             optimizer.step()
         scheduler.step()
         loss_sum += float(loss.detach()) * len(labels)
-        if not labels.is_floating_point():
+        if classifying:
             correct += float((logits.argmax(1) == labels).sum())
         seen += len(labels)
         if on_step is not None:
@@ -538,7 +539,7 @@ def _report(record: dict, epochs: int) -> None:
           flush=True)
 
 
-def _checkpoint(model, optimizer, scheduler, epoch, settings, data: ImageData, history, recipe) -> dict:
+def _checkpoint(model, optimizer, scheduler, epoch, settings, data: ImageData | SRData, history, recipe) -> dict:
     return {
         "version": CHECKPOINT_VERSION,
         "arch": model.repq_arch,

@@ -317,7 +317,7 @@ def _tap_count(x: Tensor, tap, weight: Tensor) -> int:
 
 
 def _first_last(model: nn.Module) -> set[str]:
-    names = [n for n, m in model.named_modules() if isinstance(m, (RepQBlock, LSQConv2d, LSQLinear))]
+    names = list(quantized_layers(model))
     return {names[0], names[-1]} if names else set()
 
 
@@ -384,7 +384,7 @@ def raise_first_last_bits(model: nn.Module, bits: int = 8, per_channel: bool = T
 def sign_first_input(model: nn.Module) -> nn.Module:
     """The first quantized layer reads the normalised image, which is signed: its input quantizer is signed
     even when the others are unsigned (a simulation setting for post-ReLU inputs)."""
-    layers = [m for m in model.modules() if isinstance(m, (RepQBlock, LSQConv2d, LSQLinear))]
+    layers = list(quantized_layers(model).values())
     if layers and not layers[0].input_quantizer.signed:
         old = layers[0].input_quantizer
         layers[0].input_quantizer = LSQActQuantizer(old.bits, True, old.init)

@@ -106,11 +106,11 @@ def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_de
              log=print) -> list[float]:
     """SGD (momentum 0.9, cosine to 0) over ``epochs`` of ``train_loader``; returns the per-step losses."""
     from calibration.loaders import set_loader_epoch
-    from pipeline.train import task_loss
+    from pipeline.train import task_loss, warmup_cosine
 
     total = max(1, int(math.ceil(epochs * len(train_loader))))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, 0, 0.0))
     losses: list[float] = []
     model.train()
     start, epoch = time.time(), 0

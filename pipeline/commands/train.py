@@ -99,6 +99,7 @@ def _one_line(err: ValidationError, model) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engines.timing import quality_key
     from pipeline.train import train
     from reparam import is_super_resolution
 
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     summary = train(settings, data, args.out, resume=args.resume)
     best = summary["best"]
     if best and summary["rank"] == 0:
-        key = "psnr" if "val_psnr" in best else "top1"
+        key = quality_key(best)
         unit = " dB" if key == "psnr" else "%"
         print(f"best val {key} {best[f'val_{key}']:.2f}{unit} at epoch {best['epoch']} "
               f"(deploy form {best[f'deploy_val_{key}']:.2f}{unit}); checkpoints in {summary['out_dir']}")
