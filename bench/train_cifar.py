@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from calibration.datasets import load_data  # noqa: E402
 from calibration.loaders import build_loaders, set_loader_epoch  # noqa: E402
-from pipeline.train import TrainSettings, build_model, make_optimizer, train  # noqa: E402
+from pipeline.train import TrainSettings, build_model, make_optimizer, train, use_channels_last  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
 MODELS = ("repvgg_a0", "qarepvgg_a0")
@@ -48,7 +48,8 @@ def measure_speed(model_name: str, settings: TrainSettings, data, device: str, s
     torch.manual_seed(0)
     model = build_model(settings, data.num_classes, cifar=True).to(dev)
     cuda = dev.type == "cuda"
-    if cuda:
+    channels_last = use_channels_last(settings.channels_last, dev, data.input_shape[-1])
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, settings)
     loader, _ = build_loaders(data, settings.batch_size)
@@ -59,7 +60,7 @@ def measure_speed(model_name: str, settings: TrainSettings, data, device: str, s
     def step():
         images, labels = next(batches)
         images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-        if cuda:
+        if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
             loss = F.cross_entropy(model(images).float(), labels, label_smoothing=settings.label_smoothing)
@@ -81,6 +82,7 @@ def measure_speed(model_name: str, settings: TrainSettings, data, device: str, s
     rate = steps * settings.batch_size / elapsed
     return {"model": model_name, "device": device, "precision": str(dtype or torch.float32),
             "width_mult": settings.width_mult, "batch_size": settings.batch_size, "images_per_s": rate,
+            "channels_last": channels_last,
             # Images per CPU-second of this process: on a shared machine, with one thread, this is what the
             # step costs regardless of how much wall time other processes take.
             "images_per_cpu_s": steps * settings.batch_size / cpu_seconds,
