@@ -86,7 +86,7 @@ class ReparamBlock(nn.Module):
     def load_conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         """Initialise the training form to compute ``bn(conv(x))`` exactly (used by convert_convs)."""
         raise RepqError(f"{type(self).__name__} cannot be initialised from a plain conv + BN: "
-                        f"convert with one of acb, dbb, orepa, repvgg")
+                        f"convert with one of acb, dbb, orepa, repvgg, plain")
 
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:

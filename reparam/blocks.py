@@ -42,6 +42,27 @@ def _identity_tap(bn: nn.BatchNorm2d, channels: int, groups: int) -> BNTap:
     return BNTap(bn, kernel, 1, 0, groups)
 
 
+class PlainBlock(ReparamBlock):
+    """One kxk conv-BN, no extra branches: the baseline trained without re-parametrization (RepQ's Plain,
+    RepVGG's VGG-style plain model). It fuses like the others (BN folded), so every tool treats it alike."""
+
+    def _build_branches(self) -> None:
+        self.conv_bn = ConvBN(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                              self.groups)
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        return self.conv_bn(x)
+
+    def load_conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+        _load_main(self.conv_bn, conv, bn)
+
+    def bn_taps(self) -> dict[str, BNTap]:
+        return {"conv_bn": self.conv_bn.tap()}
+
+    def merged_kernel(self, bn_stats: BNStats | None = None) -> Kernel:
+        return self.conv_bn.folded(bn_stats, "conv_bn")
+
+
 class RepVGGBlock(ReparamBlock):
     """kxk conv-BN + 1x1 conv-BN + identity-BN (identity only when shapes allow)."""
 
@@ -371,6 +392,7 @@ class ECBlock(ReparamBlock):
 
 
 BLOCKS: dict[str, type[ReparamBlock]] = {
+    "plain": PlainBlock,
     "repvgg": RepVGGBlock,
     "qarepvgg": QARepVGGBlock,
     "acb": ACBlock,

@@ -11,7 +11,7 @@ from reparam.block import ReparamBlock
 from reparam.blocks import BLOCKS, QARepVGGBlock, RepVGGBlock
 from reparam.errors import RepqError
 
-CONVERTIBLE = ("acb", "dbb", "orepa", "repvgg")
+CONVERTIBLE = ("acb", "dbb", "orepa", "repvgg", "plain")
 
 
 def fuse_model(model: nn.Module) -> nn.Module:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reparam.blocks import ECBlock, QARepVGGBlock, RepVGGBlock
+from reparam.blocks import ECBlock, PlainBlock, QARepVGGBlock, RepVGGBlock
 from reparam.convert import convert_convs, substitute_qarepvgg
 from reparam.errors import RepqError
 
@@ -116,8 +116,12 @@ def _repvgg_factory(variant: str, block: type) -> Callable[..., nn.Module]:
                 deploy: bool = False) -> nn.Module:
         return RepVGGNet(REPVGG_CONFIGS[variant], block, num_classes, cifar, width_mult, in_chans, deploy)
 
-    paper = "QARepVGG (Chu et al., AAAI 2024)" if block is QARepVGGBlock else "RepVGG (Ding et al., CVPR 2021)"
-    factory.__doc__ = f"{variant.upper()} of {paper}."
+    if block is PlainBlock:
+        factory.__doc__ = (f"{variant.upper()} of RepVGG (Ding et al., CVPR 2021) with single conv-BN layers, no "
+                           "re-param: the Plain baseline of RepQ's Table 2.")
+    else:
+        paper = "QARepVGG (Chu et al., AAAI 2024)" if block is QARepVGGBlock else "RepVGG (Ding et al., CVPR 2021)"
+        factory.__doc__ = f"{variant.upper()} of {paper}."
     return factory
 
 
@@ -142,6 +146,7 @@ def _ecbsr_m4c8(scale: int = 2, colors: int = 1, deploy: bool = False) -> nn.Mod
 MODELS: dict[str, Callable[..., nn.Module]] = {
     **{f"repvgg_{v}": _repvgg_factory(v, RepVGGBlock) for v in REPVGG_CONFIGS},
     **{f"qarepvgg_{v}": _repvgg_factory(v, QARepVGGBlock) for v in REPVGG_CONFIGS},
+    **{f"plain_{v}": _repvgg_factory(v, PlainBlock) for v in REPVGG_CONFIGS},
     "resnet18": _plain_resnet18,
     **{f"resnet18_{b}": _converted_resnet18(b) for b in ("acb", "dbb", "orepa", "repvgg")},
     "ecbsr_m4c8": _ecbsr_m4c8,

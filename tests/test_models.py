@@ -27,7 +27,8 @@ def small(name):
     return create_model(name, num_classes=10), (2, 3, 32, 32)  # ImageNet stem: 1x1 at the end, cheap
 
 
-@pytest.mark.parametrize("name,millions", [("repvgg_a0", 8.30), ("repvgg_b0", 14.33), ("repvgg_b1", 51.82)])
+@pytest.mark.parametrize("name,millions", [("repvgg_a0", 8.30), ("repvgg_b0", 14.33), ("repvgg_b1", 51.82),
+                                           ("plain_a0", 8.30), ("qarepvgg_a0", 8.30)])
 def test_fused_parameter_count_matches_the_paper(name, millions):
     fused = fuse_model(create_model(name, num_classes=1000))
     count = sum(p.numel() for p in fused.parameters()) / 1e6
@@ -54,7 +55,7 @@ def test_every_model_fuses_exactly(name, dtype, tol):
         assert rel_err(rebuilt.eval()(x), expected) < tol
 
 
-@pytest.mark.parametrize("block", ["acb", "dbb", "orepa", "repvgg"])
+@pytest.mark.parametrize("block", ["acb", "dbb", "orepa", "repvgg", "plain"])
 def test_convert_convs_keeps_the_function_of_torchvision_resnet18(block):
     original = torchvision.models.resnet18(num_classes=10)
     randomize_bn(original)

@@ -385,3 +385,30 @@ def test_channel_moments_equal_var_mean_even_with_a_large_offset():
     true_var, true_mean = torch.var_mean(y.double(), dim=(0, 2, 3), unbiased=False)
     assert torch.allclose(mean.double(), true_mean, rtol=1e-6, atol=1e-6)
     assert torch.allclose(var.double(), true_var, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("name,kwargs", [("plain_a0", {"width_mult": 0.125}), ("resnet18", {})])
+def test_plain_models_get_lsq_on_bn_folded_convs_and_rebuild(name, kwargs):
+    """The Plain baseline: a model trained without re-param (single conv-BN layers, or torchvision's plain
+    ResNet-18) has its BNs folded and LSQ on every conv; with the quantizers off it is the FP model."""
+    from pipeline.commands.finetune import quantized_model, rebuild
+    from quant.lsq import without_quantizers
+
+    torch.manual_seed(0)
+    float_model = create_model(name, num_classes=10, cifar=True, **kwargs)
+    x = torch.randn(4, 3, 16, 16)
+    float_model.train()(x)  # non-trivial BN running statistics
+    arch = dict(float_model.repq_arch)
+    model = quantized_model(float_model, "merged", 8, 8)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    convs = [m for m in float_model.modules() if isinstance(m, nn.Conv2d)]
+    assert len([m for m in model.modules() if isinstance(m, LSQConv2d)]) == len(convs)
+    model.train()(x)  # sets the steps
+    with torch.no_grad():
+        expected = float_model.eval()(x)
+        quantized = model.eval()(x)
+        assert 0 < (quantized - expected).abs().max() < 0.1 * expected.abs().max()
+        assert torch.allclose(without_quantizers(copy.deepcopy(model))(x), expected, atol=1e-4, rtol=1e-4)
+    rebuilt = rebuild({"arch": arch, "quant": model.repq_quant, "state_dict": model.state_dict()})
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), quantized)
