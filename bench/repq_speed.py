@@ -5,7 +5,7 @@ re-param form through its merged kernels. Variants are interleaved round by roun
 reported, so a shared, noisy CPU slows them alike; the process CPU time is reported too (less sensitive to
 other processes on a shared machine than wall time).
 
-    python bench/repq_speed.py --model resnet18_acb --batch 32 --rounds 5 [--profile bn]
+    python bench/repq_speed.py --model resnet18_acb --batch 32 --rounds 5 [--channels-last] [--profile bn]
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-stats-grad", action="store_true", help="batch statistics without gradient")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC models and input")
     parser.add_argument("--profile", choices=["plain", "repq", "bn", "bnest"], help="print a profile of one variant")
     args = parser.parse_args()
 
@@ -65,6 +66,9 @@ def main() -> None:
     model = build(args.model, args.width).train()
     x, y = torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 10, (args.batch,))
     models = variants(model, args.bits, not args.no_stats_grad)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        models = {label: m.to(memory_format=torch.channels_last) for label, m in models.items()}
     steps = {label: step_fn(m.train(), x, y) for label, m in models.items()}
     for step in steps.values():  # warm-up: initialises the LSQ steps (MinError) and the allocator
         step()
@@ -80,7 +84,8 @@ def main() -> None:
     base = statistics.median(times["plain LSQ QAT"])
     base_cpu = statistics.median(cpu["plain LSQ QAT"])
     print(f"{args.model} batch {args.batch}x3x{args.size}x{args.size}, {args.bits}-bit, torch threads "
-          f"{torch.get_num_threads()}, {args.rounds} interleaved rounds, stats_grad={not args.no_stats_grad}")
+          f"{torch.get_num_threads()}, {args.rounds} interleaved rounds, stats_grad={not args.no_stats_grad}, "
+          f"channels_last={args.channels_last}")
     for label, values in times.items():
         med = statistics.median(values)
         med_cpu = statistics.median(cpu[label])

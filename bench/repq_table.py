@@ -103,6 +103,8 @@ def main() -> None:
     sources = {m: fp_model for m in args.methods.split(",")}
     if args.plain_checkpoint:
         sources["plain"] = load_model_checkpoint(args.plain_checkpoint)[0]
+        results["plain_fp32_top1"] = evaluate(copy.deepcopy(sources["plain"]), val_loader, ctx)["top1"]
+        print(f"Plain FP32 {results['plain_fp32_top1']:.2f}%", flush=True)
     for method, source in sources.items():
         for bits in (int(b) for b in args.bits.split(",")):
             torch.manual_seed(0)
@@ -138,7 +140,7 @@ def markdown(results: dict) -> str:
     by = {(r["method"], r["bits"]): r for r in results["rows"]}
     for method in dict.fromkeys(r["method"] for r in results["rows"]):
         r8, r4 = by.get((method, 8), {}), by.get((method, 4), {})
-        fp = f"{results['fp32_top1']:.2f}" if method != "plain" else "-"
+        fp = f"{results['plain_fp32_top1' if method == 'plain' else 'fp32_top1']:.2f}"
         cells = [f"{r8['fake_quant_top1']:.2f}" if r8 else "-", f"{r8['ort_top1']:.2f}" if "ort_top1" in r8 else "-",
                  f"{r4['fake_quant_top1']:.2f}" if r4 else "-"]
         lines.append(f"| {LABELS[method]} | {fp} | " + " | ".join(cells) + " |")

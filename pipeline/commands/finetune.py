@@ -53,15 +53,17 @@ def quantized_model(float_model: nn.Module, method: str, w_bits: int, a_bits: in
     """The model to fine-tune: RepQ-wrapped blocks, or (merged) LSQ on the fused convs."""
     from quant.lsq import quantize_plain_layers
     from quant.repq import raise_first_last_bits, sign_first_input, wrap_model
+    from quant.toolkit import fold_batchnorm
     from reparam import fuse_model
 
     if method not in METHODS:
         raise RepqError(f"unknown fine-tuning method {method!r}: use one of {', '.join(METHODS)}")
     if method == "merged":
-        fused = fuse_model(float_model)
+        fused = fold_batchnorm(fuse_model(float_model))  # a plain model's conv+BN pairs fold like the blocks
         if any(isinstance(m, nn.BatchNorm2d) for m in fused.modules()):
-            raise RepqError("the fused model still has BatchNorm layers outside re-param blocks: LSQ on plain "
-                            "conv+BN pairs is not supported; convert them to blocks (reparam.convert_convs)")
+            raise RepqError("the fused model still has BatchNorm layers that torch.fx could not fold into their "
+                            "convs: LSQ on conv+BN pairs is not supported; convert them to blocks first "
+                            "(reparam.convert_convs(model, 'plain'))")
         model = quantize_plain_layers(fused, w_bits, a_bits, act_signed=act_signed)
         if min(w_bits, a_bits) < 8:  # as wrap_model does: first and last layer keep 8 bits
             raise_first_last_bits(model, 8, act_signed=act_signed)
@@ -103,21 +105,28 @@ def export_quantized(model: nn.Module, path: str | Path, target: str = "tensorrt
 
 
 def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_decay: float = 0.0,
-             log=print) -> list[float]:
-    """SGD (momentum 0.9, cosine to 0) over ``epochs`` of ``train_loader``; returns the per-step losses."""
+             log=print, channels_last: bool | None = None) -> list[float]:
+    """SGD (momentum 0.9, cosine to 0) over ``epochs`` of ``train_loader``; returns the per-step losses.
+
+    ``channels_last``: NHWC model and batches; None decides as training does (pipeline.train.use_channels_last).
+    The model is left in NHWC; evaluation and export do not depend on its memory format."""
     from calibration.loaders import set_loader_epoch
-    from pipeline.train import task_loss, warmup_cosine
+    from pipeline.train import task_loss, use_channels_last, warmup_cosine
 
     total = max(1, int(math.ceil(epochs * len(train_loader))))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, 0, 0.0))
     losses: list[float] = []
     model.train()
-    start, epoch = time.time(), 0
+    start, epoch, memory_format = time.time(), 0, None
     while len(losses) < total:
         set_loader_epoch(train_loader, epoch)
         for images, labels in train_loader:
-            loss = task_loss(model(images), labels)
+            if memory_format is None:
+                nhwc = use_channels_last(channels_last, images.device, images.shape[-1])
+                memory_format = torch.channels_last if nhwc else torch.contiguous_format
+                model.to(memory_format=memory_format)
+            loss = task_loss(model(images.contiguous(memory_format=memory_format)), labels)
             if not torch.isfinite(loss):
                 raise RepqError(f"fine-tuning loss became {loss.item()} at step {len(losses)}: lower --lr")
             optimizer.zero_grad(set_to_none=True)
