@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from pipeline.train import (
     parameter_groups,
     regularizer,
     train,
+    use_channels_last,
     warmup_cosine,
 )
 from reparam import create_model
@@ -221,3 +223,22 @@ def test_cli_settings_and_errors(tmp_path):
         command.settings_from_args(parser.parse_args(["--out", "x", "--set", "label_smothing=0.1"]))
     with pytest.raises(RepqError, match="training setting optimizer"):
         command.settings_from_args(parser.parse_args(["--out", "x", "--optimizer", "lion"]))
+
+
+def test_channels_last_training_step_equals_nchw_and_is_chosen_only_where_safe():
+    """NHWC is a memory format, not other math: one SGD step gives the same weights either way. The CPU uses
+    it only for small inputs (torch 2.14's oneDNN crashes on a strided 1x1 conv backward at >= 112 px)."""
+    torch.manual_seed(0)
+    nchw = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125)
+    nhwc = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for model, batch in ((nchw, x), (nhwc, x.contiguous(memory_format=torch.channels_last))):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        torch.nn.functional.cross_entropy(model.train()(batch), y).backward()
+        optimizer.step()
+    for (name, a), b in zip(nchw.state_dict().items(), nhwc.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+    cpu = torch.device("cpu")
+    assert use_channels_last(None, cpu, 32) and not use_channels_last(None, cpu, 224)
+    assert use_channels_last(None, torch.device("cuda"), 224)
+    assert not use_channels_last(False, cpu, 32) and use_channels_last(True, cpu, 224)
