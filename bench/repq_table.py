@@ -80,6 +80,7 @@ def main() -> None:
                              "fused VGG collapses to chance at RepQ's lr (CIFAR RepVGG-A0 at 0.01: loss 2.32 "
                              "after 50 steps)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--act-unsigned-below-8", action="store_true",
                         help="unsigned activations for < 8 bits (simulation; not exportable for TensorRT)")
     parser.add_argument("--out", default="/tmp/repq_table")
@@ -97,6 +98,7 @@ def main() -> None:
     fp_top1 = evaluate(copy.deepcopy(fp_model), val_loader, ctx)["top1"]
     images = next(iter(val_loader))[0][:256]
     results = {"fp32_top1": fp_top1, "checkpoint": args.checkpoint, "epochs": epochs, "lr": args.lr,
+               "label_smoothing": args.label_smoothing,
                "val_images": args.val_images or 5000,
                "bnest_variance": bnest_variance_report(fp_model, images), "rows": []}
     print(f"FP32 {fp_top1:.2f}%  BNEst on real activations: {results['bnest_variance']}", flush=True)
@@ -112,7 +114,8 @@ def main() -> None:
             model = quantized_model(copy.deepcopy(source), "merged" if method == "plain" else method, bits, bits,
                                     signed)
             lr = (args.lr_merged or args.lr / 10) if method in ("merged", "plain") else args.lr
-            losses = finetune(model, train_loader, epochs, lr, log=lambda s: print("  " + s, flush=True))
+            losses = finetune(model, train_loader, epochs, lr, log=lambda s: print("  " + s, flush=True),
+                              label_smoothing=args.label_smoothing)
             row = {"method": method, "bits": bits, "act_signed": signed, "steps": len(losses), "lr": lr,
                    "fake_quant_top1": evaluate(model, val_loader, ctx)["top1"]}
             if bits == 8:  # the INT8 engine itself: ORT's placement, QLinearConv kernels

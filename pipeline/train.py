@@ -258,34 +258,42 @@ def evaluate(model: nn.Module, loader, ctx: DistContext, channels_last: bool = F
     """Top-1 (and top-5 over more than 5 classes) in percent, counted over all ranks; or, for a val set that
     scores itself (super-resolution), its score (PSNR), which every rank computes over all images.
 
-    With `reference`, also the largest |output difference| between the two models on the same images.
+    With `reference`, also the largest |output difference| between the two models on the same images and, for
+    classification, the reference's own top-1/top-5 from the same pass (``result["reference"]``).
     """
     model.eval()
     if reference is not None:
         reference.eval()
     if hasattr(loader, "score"):
         return _self_scored(model, loader, ctx, reference)
-    correct1 = correct5 = count = 0.0
-    gap, scale, num_classes = 0.0, 0.0, 0
+    models = [model] if reference is None else [model, reference]
+    correct = torch.zeros(len(models), 2, dtype=torch.float64)  # per model: top-1 hits, top-5 hits
+    count, gap, scale, num_classes = 0.0, 0.0, 0.0, 0
     for images, labels in loader:
         images, labels = _to_device(images, labels, ctx.device, channels_last, _dtype_of(model))
-        logits = model(images).float()
-        num_classes = logits.shape[1]
-        top = logits.topk(min(5, num_classes), dim=1).indices
-        hits = top == labels[:, None]
-        correct1 += float(hits[:, 0].sum())
-        correct5 += float(hits.any(dim=1).sum())
+        outputs = [m(images).float() for m in models]
+        num_classes = outputs[0].shape[1]
+        for i, logits in enumerate(outputs):
+            hits = logits.topk(min(5, num_classes), dim=1).indices == labels[:, None]
+            correct[i, 0] += float(hits[:, 0].sum())
+            correct[i, 1] += float(hits.any(dim=1).sum())
         count += len(labels)
         if reference is not None:
-            other = reference(images).float()
-            gap = max(gap, float((logits - other).abs().max()))
-            scale = max(scale, float(other.abs().max()))
-    correct1, correct5, count = all_reduce_sum([correct1, correct5, count], ctx)
-    result = {"top1": 100.0 * correct1 / max(count, 1), "count": int(count)}
+            gap = max(gap, float((outputs[0] - outputs[1]).abs().max()))
+            scale = max(scale, float(outputs[1].abs().max()))
+    *totals, count = all_reduce_sum([*correct.flatten().tolist(), count], ctx)
+    scores = [_topk(totals[2 * i], totals[2 * i + 1], count, num_classes) for i in range(len(models))]
+    result = {**scores[0], "count": int(count)}
+    if reference is not None:
+        result["reference"] = scores[1]
+        result["max_logit_diff"], result["logit_scale"] = all_reduce_max(gap, ctx), all_reduce_max(scale, ctx)
+    return result
+
+
+def _topk(correct1: float, correct5: float, count: float, num_classes: int) -> dict:
+    result = {"top1": 100.0 * correct1 / max(count, 1)}
     if num_classes > 5:
         result["top5"] = 100.0 * correct5 / max(count, 1)
-    if reference is not None:
-        result["max_logit_diff"], result["logit_scale"] = all_reduce_max(gap, ctx), all_reduce_max(scale, ctx)
     return result
 
 
@@ -313,8 +321,9 @@ def evaluate_with_deploy(model: nn.Module, loader, ctx: DistContext, channels_la
     from reparam import fuse_model
 
     plain = _plain_copy(model)
-    train_form = evaluate(plain, loader, ctx, channels_last)
     deploy_form = evaluate(fuse_model(plain), loader, ctx, channels_last, reference=plain)  # fuses a copy
+    # classification scores the train form in the same pass; a self-scoring (SR) set needs its own
+    train_form = deploy_form.get("reference") or evaluate(plain, loader, ctx, channels_last)
     gap = deploy_form["max_logit_diff"]
     agrees = gap <= 1e-3 * max(1.0, deploy_form["logit_scale"])
     key = quality_key(train_form)

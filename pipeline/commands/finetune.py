@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.01, help="SGD, cosine to 0")
     parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="as the FP training used, if any")
     parser.add_argument("--val-size", type=float, default=5000, help="val split carved from train (count)")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
@@ -105,7 +106,7 @@ def export_quantized(model: nn.Module, path: str | Path, target: str = "tensorrt
 
 
 def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_decay: float = 0.0,
-             log=print, channels_last: bool | None = None) -> list[float]:
+             log=print, channels_last: bool | None = None, label_smoothing: float = 0.0) -> list[float]:
     """SGD (momentum 0.9, cosine to 0) over ``epochs`` of ``train_loader``; returns the per-step losses.
 
     ``channels_last``: NHWC model and batches; None decides as training does (pipeline.train.use_channels_last).
@@ -126,7 +127,7 @@ def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_de
                 nhwc = use_channels_last(channels_last, images.device, images.shape[-1])
                 memory_format = torch.channels_last if nhwc else torch.contiguous_format
                 model.to(memory_format=memory_format)
-            loss = task_loss(model(images.contiguous(memory_format=memory_format)), labels)
+            loss = task_loss(model(images.contiguous(memory_format=memory_format)), labels, label_smoothing)
             if not torch.isfinite(loss):
                 raise RepqError(f"fine-tuning loss became {loss.item()} at step {len(losses)}: lower --lr")
             optimizer.zero_grad(set_to_none=True)
@@ -160,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
     fp_top1 = evaluate(copy.deepcopy(float_model), val_loader, ctx)["top1"]
     print(f"float model: val top-1 {fp_top1:.2f}%")
     model = quantized_model(float_model, args.method, args.w_bits, args.a_bits, not args.act_unsigned)
-    losses = finetune(model, train_loader, args.epochs, args.lr, args.weight_decay)
+    losses = finetune(model, train_loader, args.epochs, args.lr, args.weight_decay,
+                      label_smoothing=args.label_smoothing)
     metrics = {"method": args.method, "w_bits": args.w_bits, "a_bits": args.a_bits,
                "act_signed": not args.act_unsigned, "fp32_top1": fp_top1, "steps": len(losses),
                "final_loss": sum(losses[-20:]) / len(losses[-20:]),
