@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="FP32 re-param checkpoint (repq train)")
     parser.add_argument("--plain-checkpoint", help="FP32 checkpoint of a plain model, for the Plain row")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "cifar10"))
-    parser.add_argument("--methods", default="merged,bn,bnest")
+    parser.add_argument("--methods", default="merged,bn,bnest", help="comma-separated; '' for the Plain row only")
     parser.add_argument("--bits", default="8,4")
     parser.add_argument("--epochs", type=float, default=0.5)
     parser.add_argument("--steps", type=int, help="fine-tuning steps (overrides --epochs)")
@@ -102,7 +102,7 @@ def main() -> None:
                "val_images": args.val_images or 5000,
                "bnest_variance": bnest_variance_report(fp_model, images), "rows": []}
     print(f"FP32 {fp_top1:.2f}%  BNEst on real activations: {results['bnest_variance']}", flush=True)
-    sources = {m: fp_model for m in args.methods.split(",")}
+    sources = {m: fp_model for m in args.methods.split(",") if m}
     if args.plain_checkpoint:
         sources["plain"] = load_model_checkpoint(args.plain_checkpoint)[0]
         results["plain_fp32_top1"] = evaluate(copy.deepcopy(sources["plain"]), val_loader, ctx)["top1"]
