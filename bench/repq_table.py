@@ -81,6 +81,8 @@ def main() -> None:
                              "after 50 steps)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--init", choices=["minerror", "max"], default="minerror",
+                        help="activation step initialisation on the first batch")
     parser.add_argument("--act-unsigned-below-8", action="store_true",
                         help="unsigned activations for < 8 bits (simulation; not exportable for TensorRT)")
     parser.add_argument("--out", default="/tmp/repq_table")
@@ -98,7 +100,7 @@ def main() -> None:
     fp_top1 = evaluate(copy.deepcopy(fp_model), val_loader, ctx)["top1"]
     images = next(iter(val_loader))[0][:256]
     results = {"fp32_top1": fp_top1, "checkpoint": args.checkpoint, "epochs": epochs, "lr": args.lr,
-               "label_smoothing": args.label_smoothing,
+               "label_smoothing": args.label_smoothing, "init": args.init,
                "val_images": args.val_images or 5000,
                "bnest_variance": bnest_variance_report(fp_model, images), "rows": []}
     print(f"FP32 {fp_top1:.2f}%  BNEst on real activations: {results['bnest_variance']}", flush=True)
@@ -112,7 +114,7 @@ def main() -> None:
             torch.manual_seed(0)
             signed = not (args.act_unsigned_below_8 and bits < 8)
             model = quantized_model(copy.deepcopy(source), "merged" if method == "plain" else method, bits, bits,
-                                    signed)
+                                    signed, init=args.init)
             lr = (args.lr_merged or args.lr / 10) if method in ("merged", "plain") else args.lr
             losses = finetune(model, train_loader, epochs, lr, log=lambda s: print("  " + s, flush=True),
                               label_smoothing=args.label_smoothing)

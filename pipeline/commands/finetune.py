@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.01, help="SGD, cosine to 0")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="as the FP training used, if any")
+    parser.add_argument("--init", choices=["minerror", "max"], default="minerror",
+                        help="activation step initialisation on the first batch")
     parser.add_argument("--val-size", type=float, default=5000, help="val split carved from train (count)")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
@@ -50,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def quantized_model(float_model: nn.Module, method: str, w_bits: int, a_bits: int, act_signed: bool = True,
-                    bnest_calibrate: bool = True) -> nn.Module:
-    """The model to fine-tune: RepQ-wrapped blocks, or (merged) LSQ on the fused convs."""
+                    bnest_calibrate: bool = True, init: str = "minerror") -> nn.Module:
+    """The model to fine-tune: RepQ-wrapped blocks, or (merged) LSQ on the fused convs. ``init``: how the
+    activation steps start, on the first batch (quant.lsq.INIT_METHODS)."""
     from quant.lsq import quantize_plain_layers
     from quant.repq import raise_first_last_bits, sign_first_input, wrap_model
     from quant.toolkit import fold_batchnorm
@@ -65,13 +68,14 @@ def quantized_model(float_model: nn.Module, method: str, w_bits: int, a_bits: in
             raise RepqError("the fused model still has BatchNorm layers that torch.fx could not fold into their "
                             "convs: LSQ on conv+BN pairs is not supported; convert them to blocks first "
                             "(reparam.convert_convs(model, 'plain'))")
-        model = quantize_plain_layers(fused, w_bits, a_bits, act_signed=act_signed)
+        model = quantize_plain_layers(fused, w_bits, a_bits, act_signed=act_signed, init=init)
         if min(w_bits, a_bits) < 8:  # as wrap_model does: first and last layer keep 8 bits
-            raise_first_last_bits(model, 8, act_signed=act_signed)
+            raise_first_last_bits(model, 8, act_signed=act_signed, init=init)
         sign_first_input(model)
         model.repq_quant = {"method": "merged", "w_bits": w_bits, "a_bits": a_bits, "act_signed": act_signed}
         return model
-    return wrap_model(float_model, method, w_bits, a_bits, act_signed=act_signed, bnest_calibrate=bnest_calibrate)
+    return wrap_model(float_model, method, w_bits, a_bits, act_signed=act_signed, bnest_calibrate=bnest_calibrate,
+                      init=init)
 
 
 def rebuild(ckpt: dict) -> nn.Module:
@@ -160,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     ctx = init_distributed("cpu")
     fp_top1 = evaluate(copy.deepcopy(float_model), val_loader, ctx)["top1"]
     print(f"float model: val top-1 {fp_top1:.2f}%")
-    model = quantized_model(float_model, args.method, args.w_bits, args.a_bits, not args.act_unsigned)
+    model = quantized_model(float_model, args.method, args.w_bits, args.a_bits, not args.act_unsigned,
+                            init=args.init)
     losses = finetune(model, train_loader, args.epochs, args.lr, args.weight_decay,
                       label_smoothing=args.label_smoothing)
     metrics = {"method": args.method, "w_bits": args.w_bits, "a_bits": args.a_bits,
