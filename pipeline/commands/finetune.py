@@ -110,27 +110,25 @@ def export_quantized(model: nn.Module, path: str | Path, target: str = "tensorrt
 
 
 def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_decay: float = 0.0,
-             log=print, channels_last: bool | None = None, label_smoothing: float = 0.0) -> list[float]:
+             log=print, channels_last: bool = False, label_smoothing: float = 0.0) -> list[float]:
     """SGD (momentum 0.9, cosine to 0) over ``epochs`` of ``train_loader``; returns the per-step losses.
 
-    ``channels_last``: NHWC model and batches; None decides as training does (pipeline.train.use_channels_last).
-    The model is left in NHWC; evaluation and export do not depend on its memory format."""
+    NCHW by default: unlike FP training, NHWC slows RepQ-BN's tap convs on the CPU (ResNet-18-ACB at 32 px:
+    181% -> 210% of plain LSQ's step, bench/repq_speed.py). ``channels_last=True`` leaves the model NHWC."""
     from calibration.loaders import set_loader_epoch
-    from pipeline.train import task_loss, use_channels_last, warmup_cosine
+    from pipeline.train import task_loss, warmup_cosine
 
     total = max(1, int(math.ceil(epochs * len(train_loader))))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, 0, 0.0))
     losses: list[float] = []
     model.train()
-    start, epoch, memory_format = time.time(), 0, None
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    start, epoch = time.time(), 0
     while len(losses) < total:
         set_loader_epoch(train_loader, epoch)
         for images, labels in train_loader:
-            if memory_format is None:
-                nhwc = use_channels_last(channels_last, images.device, images.shape[-1])
-                memory_format = torch.channels_last if nhwc else torch.contiguous_format
-                model.to(memory_format=memory_format)
             loss = task_loss(model(images.contiguous(memory_format=memory_format)), labels, label_smoothing)
             if not torch.isfinite(loss):
                 raise RepqError(f"fine-tuning loss became {loss.item()} at step {len(losses)}: lower --lr")
