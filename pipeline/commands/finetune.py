@@ -66,8 +66,8 @@ def quantized_model(float_model: nn.Module, method: str, w_bits: int, a_bits: in
         fused = fold_batchnorm(fuse_model(float_model))  # a plain model's conv+BN pairs fold like the blocks
         if any(isinstance(m, nn.BatchNorm2d) for m in fused.modules()):
             raise RepqError("the fused model still has BatchNorm layers that torch.fx could not fold into their "
-                            "convs: LSQ on conv+BN pairs is not supported; convert them to blocks first "
-                            "(reparam.convert_convs(model, 'plain'))")
+                            "convs (the model does not trace): LSQ on conv+BN pairs is not supported; fold "
+                            "the BNs into the convs before fine-tuning")
         model = quantize_plain_layers(fused, w_bits, a_bits, act_signed=act_signed, init=init)
         if min(w_bits, a_bits) < 8:  # as wrap_model does: first and last layer keep 8 bits
             raise_first_last_bits(model, 8, act_signed=act_signed, init=init)
@@ -110,11 +110,11 @@ def export_quantized(model: nn.Module, path: str | Path, target: str = "tensorrt
 
 
 def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_decay: float = 0.0,
-             log=print, channels_last: bool = False, label_smoothing: float = 0.0) -> list[float]:
+             log=print, label_smoothing: float = 0.0) -> list[float]:
     """SGD (momentum 0.9, cosine to 0) over ``epochs`` of ``train_loader``; returns the per-step losses.
 
-    NCHW by default: unlike FP training, NHWC slows RepQ-BN's tap convs on the CPU (ResNet-18-ACB at 32 px:
-    181% -> 210% of plain LSQ's step, bench/repq_speed.py). ``channels_last=True`` leaves the model NHWC."""
+    NCHW, unlike FP training: NHWC slows RepQ-BN's tap convs on the CPU (ResNet-18-ACB at 32 px: 181% -> 210%
+    of plain LSQ's step, `bench/repq_speed.py --channels-last`)."""
     from calibration.loaders import set_loader_epoch
     from pipeline.train import task_loss, warmup_cosine
 
@@ -123,13 +123,11 @@ def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_de
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, 0, 0.0))
     losses: list[float] = []
     model.train()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
     start, epoch = time.time(), 0
     while len(losses) < total:
         set_loader_epoch(train_loader, epoch)
         for images, labels in train_loader:
-            loss = task_loss(model(images.contiguous(memory_format=memory_format)), labels, label_smoothing)
+            loss = task_loss(model(images), labels, label_smoothing)
             if not torch.isfinite(loss):
                 raise RepqError(f"fine-tuning loss became {loss.item()} at step {len(losses)}: lower --lr")
             optimizer.zero_grad(set_to_none=True)
