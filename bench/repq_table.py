@@ -24,7 +24,12 @@ sys.path.insert(0, str(ROOT))
 from calibration.datasets import load_data  # noqa: E402
 from calibration.loaders import build_loaders  # noqa: E402
 from engines.onnxruntime import OrtEngine  # noqa: E402
-from pipeline.commands.finetune import export_quantized, finetune, quantized_model  # noqa: E402
+from pipeline.commands.finetune import (  # noqa: E402
+    distillation_teacher,
+    export_quantized,
+    finetune,
+    quantized_model,
+)
 from pipeline.distributed import init_distributed  # noqa: E402
 from pipeline.train import evaluate, load_model_checkpoint  # noqa: E402
 from quant.repq import RepQBlock, conv_batch_stats, estimated_stats, wrap_model  # noqa: E402
@@ -81,6 +86,7 @@ def main() -> None:
                              "after 50 steps)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--distill", type=float, default=0.0, help="weight of the loss against the FP model")
     parser.add_argument("--init", choices=["minerror", "max"], default="minerror",
                         help="activation step initialisation on the first batch")
     parser.add_argument("--act-unsigned-below-8", action="store_true",
@@ -100,7 +106,7 @@ def main() -> None:
     fp_top1 = evaluate(copy.deepcopy(fp_model), val_loader, ctx)["top1"]
     images = next(iter(val_loader))[0][:256]
     results = {"fp32_top1": fp_top1, "checkpoint": args.checkpoint, "epochs": epochs, "lr": args.lr,
-               "label_smoothing": args.label_smoothing, "init": args.init,
+               "label_smoothing": args.label_smoothing, "init": args.init, "distill": args.distill,
                "val_images": args.val_images or 5000,
                "bnest_variance": bnest_variance_report(fp_model, images), "rows": []}
     print(f"FP32 {fp_top1:.2f}%  BNEst on real activations: {results['bnest_variance']}", flush=True)
@@ -117,7 +123,8 @@ def main() -> None:
                                     signed, init=args.init)
             lr = (args.lr_merged or args.lr / 10) if method in ("merged", "plain") else args.lr
             losses = finetune(model, train_loader, epochs, lr, log=lambda s: print("  " + s, flush=True),
-                              label_smoothing=args.label_smoothing)
+                              label_smoothing=args.label_smoothing, teacher=distillation_teacher(source, args.distill),
+                              distill=args.distill)
             row = {"method": method, "bits": bits, "act_signed": signed, "steps": len(losses), "lr": lr,
                    "fake_quant_top1": evaluate(model, val_loader, ctx)["top1"]}
             if bits == 8:  # the INT8 engine itself: ORT's placement, QLinearConv kernels

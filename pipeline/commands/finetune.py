@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from reparam.errors import RepqError
@@ -40,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.01, help="SGD, cosine to 0")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="as the FP training used, if any")
+    parser.add_argument("--distill", type=float, default=0.0,
+                        help="weight in [0, 1] of the loss against the FP model's outputs (knowledge distillation)")
     parser.add_argument("--init", choices=["minerror", "max"], default="minerror",
                         help="activation step initialisation on the first batch")
     parser.add_argument("--val-size", type=float, default=5000, help="val split carved from train (count)")
@@ -110,13 +113,18 @@ def export_quantized(model: nn.Module, path: str | Path, target: str = "tensorrt
 
 
 def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_decay: float = 0.0,
-             log=print, label_smoothing: float = 0.0) -> list[float]:
+             log=print, label_smoothing: float = 0.0, teacher: nn.Module | None = None,
+             distill: float = 0.0) -> list[float]:
     """SGD (momentum 0.9, cosine to 0) over ``epochs`` of ``train_loader``; returns the per-step losses.
+
+    ``teacher`` (the full-precision model) and ``distill`` in [0, 1]: the loss mixes the label loss with the
+    cross-entropy against the teacher's softmax, ``(1 - distill) * CE(labels) + distill * CE(teacher)``
+    (knowledge distillation: the quantized model learns the FP function rather than refitting the labels).
 
     NCHW, unlike FP training: NHWC slows RepQ-BN's tap convs on the CPU (ResNet-18-ACB at 32 px: 181% -> 210%
     of plain LSQ's step, `bench/repq_speed.py --channels-last`)."""
     from calibration.loaders import set_loader_epoch
-    from pipeline.train import task_loss, warmup_cosine
+    from pipeline.train import warmup_cosine
 
     total = max(1, int(math.ceil(epochs * len(train_loader))))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -127,7 +135,7 @@ def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_de
     while len(losses) < total:
         set_loader_epoch(train_loader, epoch)
         for images, labels in train_loader:
-            loss = task_loss(model(images), labels, label_smoothing)
+            loss = _loss(model(images), images, labels, label_smoothing, teacher, distill)
             if not torch.isfinite(loss):
                 raise RepqError(f"fine-tuning loss became {loss.item()} at step {len(losses)}: lower --lr")
             optimizer.zero_grad(set_to_none=True)
@@ -142,6 +150,30 @@ def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_de
                 break
         epoch += 1
     return losses
+
+
+def _loss(outputs, images, labels, label_smoothing: float, teacher: nn.Module | None, distill: float):
+    from pipeline.train import task_loss
+
+    loss = task_loss(outputs, labels, label_smoothing)
+    if teacher is None or distill == 0.0:
+        return loss
+    with torch.no_grad():
+        target = teacher(images).float()
+    if labels.is_floating_point():  # image targets (super-resolution): L1 to the teacher's image
+        return (1 - distill) * loss + distill * F.l1_loss(outputs.float(), target)
+    return (1 - distill) * loss + distill * F.cross_entropy(outputs.float(), torch.softmax(target, dim=1))
+
+
+def distillation_teacher(float_model: nn.Module, distill: float) -> nn.Module | None:
+    """The FP model a fine-tune distils from: its fused deploy form in eval (one cheap forward per step)."""
+    from reparam import fuse_model
+
+    if not 0.0 <= distill <= 1.0:
+        raise RepqError(f"--distill {distill} is outside [0, 1]: it is the weight of the teacher's loss")
+    if distill == 0.0:
+        return None
+    return fuse_model(copy.deepcopy(float_model)).eval().requires_grad_(False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,12 +192,14 @@ def run(args: argparse.Namespace) -> int:
     ctx = init_distributed("cpu")
     fp_top1 = evaluate(copy.deepcopy(float_model), val_loader, ctx)["top1"]
     print(f"float model: val top-1 {fp_top1:.2f}%")
+    teacher = distillation_teacher(float_model, args.distill)
     model = quantized_model(float_model, args.method, args.w_bits, args.a_bits, not args.act_unsigned,
                             init=args.init)
     losses = finetune(model, train_loader, args.epochs, args.lr, args.weight_decay,
-                      label_smoothing=args.label_smoothing)
+                      label_smoothing=args.label_smoothing, teacher=teacher, distill=args.distill)
     metrics = {"method": args.method, "w_bits": args.w_bits, "a_bits": args.a_bits,
-               "act_signed": not args.act_unsigned, "fp32_top1": fp_top1, "steps": len(losses),
+               "act_signed": not args.act_unsigned, "distill": args.distill, "fp32_top1": fp_top1,
+               "steps": len(losses),
                "final_loss": sum(losses[-20:]) / len(losses[-20:]),
                "fake_quant_top1": evaluate(model, val_loader, ctx)["top1"]}
     print(f"fine-tuned ({args.method}, W{args.w_bits}A{args.a_bits}): fake-quant val top-1 "
