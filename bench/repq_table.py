@@ -29,6 +29,7 @@ from pipeline.commands.finetune import (  # noqa: E402
     export_quantized,
     finetune,
     quantized_model,
+    recalibrate_bn,
 )
 from pipeline.distributed import init_distributed  # noqa: E402
 from pipeline.train import evaluate, load_model_checkpoint  # noqa: E402
@@ -86,6 +87,8 @@ def main() -> None:
                              "after 50 steps)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="BATCHES",
+                        help="re-estimate BN running statistics over this many batches after fine-tuning")
     parser.add_argument("--distill", type=float, default=0.0, help="weight of the loss against the FP model")
     parser.add_argument("--init", choices=["minerror", "max"], default="minerror",
                         help="activation step initialisation on the first batch")
@@ -107,6 +110,7 @@ def main() -> None:
     images = next(iter(val_loader))[0][:256]
     results = {"fp32_top1": fp_top1, "checkpoint": args.checkpoint, "epochs": epochs, "lr": args.lr,
                "label_smoothing": args.label_smoothing, "init": args.init, "distill": args.distill,
+               "recalibrate_bn": args.recalibrate_bn,
                "val_images": args.val_images or 5000,
                "bnest_variance": bnest_variance_report(fp_model, images), "rows": []}
     print(f"FP32 {fp_top1:.2f}%  BNEst on real activations: {results['bnest_variance']}", flush=True)
@@ -125,6 +129,7 @@ def main() -> None:
             losses = finetune(model, train_loader, epochs, lr, log=lambda s: print("  " + s, flush=True),
                               label_smoothing=args.label_smoothing, teacher=distillation_teacher(source, args.distill),
                               distill=args.distill)
+            recalibrate_bn(model, train_loader, args.recalibrate_bn)
             row = {"method": method, "bits": bits, "act_signed": signed, "steps": len(losses), "lr": lr,
                    "fake_quant_top1": evaluate(model, val_loader, ctx)["top1"]}
             if bits == 8:  # the INT8 engine itself: ORT's placement, QLinearConv kernels

@@ -433,3 +433,40 @@ def test_distillation_loss_is_the_cross_entropy_to_the_fp_model_and_mixes_with_t
     assert distillation_teacher(fp, 0.0) is None
     with pytest.raises(RepqError, match="outside"):
         distillation_teacher(fp, 1.5)
+
+
+@pytest.mark.parametrize("mode", ["bn", "bnest"])
+def test_bn_recalibration_averages_the_batch_statistics_of_the_final_weights(mode):
+    """The stem block reads the image, so its dense BN's statistics can be computed independently: after
+    recalibrating over 3 batches, the running mean/var are the plain averages of the 3 batch statistics."""
+    from pipeline.commands.finetune import recalibrate_bn
+
+    torch.manual_seed(0)
+    model = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125), mode)
+    batches = [(torch.randn(8, 3, 16, 16) * 2 + 0.5, torch.zeros(8, dtype=torch.long)) for _ in range(4)]
+    model(batches[0][0])  # initialise the steps (and BNEst's first-batch correction)
+    stem = next(m for m in model.modules() if isinstance(m, RepQBlock))
+    name, tap = next(iter(stem.block.bn_taps().items()))
+    momentum = tap.bn.momentum
+    seen = []  # the statistics the block used for each batch (BNEst: its corrected estimates)
+
+    def loader():
+        for batch in batches:
+            yield batch
+            seen.append(stem.last_batch_stats[name])
+
+    assert recalibrate_bn(model.eval(), loader(), 3) > 0
+    seen.append(stem.last_batch_stats[name])
+    count = 8 * 16 * 16
+    used_mean = torch.stack([m for m, _ in seen]).mean(0)
+    used_var = torch.stack([v * count / (count - 1) for _, v in seen]).mean(0)
+    assert torch.allclose(tap.bn.running_mean, used_mean, atol=1e-5)
+    assert torch.allclose(tap.bn.running_var, used_var, rtol=1e-4, atol=1e-6)
+    if mode == "bn":  # and RepQ-BN's are the exact statistics of the branch conv
+        weight, bias = tap.kernel(None)
+        outs = [F.conv2d(x, weight, bias, tap.stride, tap.padding, 1, tap.groups) for x, _ in batches[:3]]
+        assert torch.allclose(tap.bn.running_mean, torch.stack([y.mean(dim=(0, 2, 3)) for y in outs]).mean(0),
+                              atol=1e-4)
+        assert torch.allclose(tap.bn.running_var, torch.stack([y.var(dim=(0, 2, 3)) for y in outs]).mean(0),
+                              rtol=1e-4, atol=1e-5)
+    assert int(tap.bn.num_batches_tracked) == 3 and tap.bn.momentum == momentum and not model.training

@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="as the FP training used, if any")
     parser.add_argument("--distill", type=float, default=0.0,
                         help="weight in [0, 1] of the loss against the FP model's outputs (knowledge distillation)")
+    parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="BATCHES",
+                        help="after fine-tuning, re-estimate BN running statistics over this many batches")
     parser.add_argument("--init", choices=["minerror", "max"], default="minerror",
                         help="activation step initialisation on the first batch")
     parser.add_argument("--val-size", type=float, default=5000, help="val split carved from train (count)")
@@ -152,6 +154,32 @@ def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_de
     return losses
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, train_loader, batches: int) -> int:
+    """Re-estimate every BN's running statistics with the final weights: reset, then the plain average
+    (momentum None) over ``batches`` training batches, forward only, in training mode, so each RepQ mode
+    measures its statistics as it trained (RepQ-BN exact, RepQ-BNEst estimated). The deploy model folds the
+    running statistics; at the end of fine-tuning they are a momentum average over the last few batches only,
+    each taken with older weights. Returns the number of BNs re-estimated (0 for BN-free models)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or batches <= 0:
+        return 0
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    was_training = model.training
+    model.train()
+    for seen, (images, _) in enumerate(train_loader, start=1):
+        model(images)
+        if seen >= batches:
+            break
+    for bn, momentum in zip(bns, momenta, strict=True):
+        bn.momentum = momentum
+    model.train(was_training)
+    return len(bns)
+
+
 def _loss(outputs, images, labels, label_smoothing: float, teacher: nn.Module | None, distill: float):
     from pipeline.train import task_loss
 
@@ -197,8 +225,10 @@ def run(args: argparse.Namespace) -> int:
                             init=args.init)
     losses = finetune(model, train_loader, args.epochs, args.lr, args.weight_decay,
                       label_smoothing=args.label_smoothing, teacher=teacher, distill=args.distill)
+    recalibrate_bn(model, train_loader, args.recalibrate_bn)
     metrics = {"method": args.method, "w_bits": args.w_bits, "a_bits": args.a_bits,
-               "act_signed": not args.act_unsigned, "distill": args.distill, "fp32_top1": fp_top1,
+               "act_signed": not args.act_unsigned, "distill": args.distill,
+               "recalibrate_bn": args.recalibrate_bn, "fp32_top1": fp_top1,
                "steps": len(losses),
                "final_loss": sum(losses[-20:]) / len(losses[-20:]),
                "fake_quant_top1": evaluate(model, val_loader, ctx)["top1"]}
