@@ -470,3 +470,14 @@ def test_bn_recalibration_averages_the_batch_statistics_of_the_final_weights(mod
         assert torch.allclose(tap.bn.running_var, torch.stack([y.var(dim=(0, 2, 3)) for y in outs]).mean(0),
                               rtol=1e-4, atol=1e-5)
     assert int(tap.bn.num_batches_tracked) == 3 and tap.bn.momentum == momentum and not model.training
+
+
+def test_bn_recalibration_leaves_frozen_statistics_alone():
+    from pipeline.commands.finetune import recalibrate_bn
+
+    torch.manual_seed(0)
+    model = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125), "repq")
+    x = torch.randn(8, 3, 16, 16)
+    before = model.eval()(x)
+    assert recalibrate_bn(model, [(x, None)] * 2, 2) == 0
+    assert torch.equal(model(x), before)

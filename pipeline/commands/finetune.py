@@ -160,11 +160,12 @@ def recalibrate_bn(model: nn.Module, train_loader, batches: int) -> int:
     (momentum None) over ``batches`` training batches, forward only, in training mode, so each RepQ mode
     measures its statistics as it trained (RepQ-BN exact, RepQ-BNEst estimated). The deploy model folds the
     running statistics; at the end of fine-tuning they are a momentum average over the last few batches only,
-    each taken with older weights. Returns the number of BNs re-estimated (0 for BN-free models)."""
+    each taken with older weights. BNs the forward does not run (RepQ mode, frozen statistics) keep theirs.
+    Returns the number of BNs re-estimated."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or batches <= 0:
         return 0
-    momenta = [bn.momentum for bn in bns]
+    saved = [(bn.momentum, copy.deepcopy(bn.state_dict())) for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None
@@ -174,10 +175,15 @@ def recalibrate_bn(model: nn.Module, train_loader, batches: int) -> int:
         model(images)
         if seen >= batches:
             break
-    for bn, momentum in zip(bns, momenta, strict=True):
-        bn.momentum = momentum
     model.train(was_training)
-    return len(bns)
+    updated = 0
+    for bn, (momentum, state) in zip(bns, saved, strict=True):
+        bn.momentum = momentum
+        if int(bn.num_batches_tracked) == 0:  # a BN the forward never ran (RepQ's frozen-statistics mode)
+            bn.load_state_dict(state)
+        else:
+            updated += 1
+    return updated
 
 
 def _loss(outputs, images, labels, label_smoothing: float, teacher: nn.Module | None, distill: float):
