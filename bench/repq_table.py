@@ -87,6 +87,8 @@ def main() -> None:
                              "after 50 steps)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0, help="fine-tuning seed (batch order, steps' first batch); "
+                        "the validation split stays fixed")
     parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="BATCHES",
                         help="re-estimate BN running statistics over this many batches after fine-tuning")
     parser.add_argument("--distill", type=float, default=0.0, help="weight of the loss against the FP model")
@@ -100,7 +102,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(args.data, val_size=5000, seed=0)
-    train_loader, val_loader = build_loaders(data, args.batch_size, seed=0)
+    train_loader, val_loader = build_loaders(data, args.batch_size, seed=args.seed)
     if args.val_images:
         val_loader = _first(val_loader, args.val_images)
     epochs = args.steps / len(train_loader) if args.steps else args.epochs
@@ -109,7 +111,7 @@ def main() -> None:
     fp_top1 = evaluate(copy.deepcopy(fp_model), val_loader, ctx)["top1"]
     images = next(iter(val_loader))[0][:256]
     results = {"fp32_top1": fp_top1, "checkpoint": args.checkpoint, "epochs": epochs, "lr": args.lr,
-               "label_smoothing": args.label_smoothing, "init": args.init, "distill": args.distill,
+               "label_smoothing": args.label_smoothing, "init": args.init, "distill": args.distill, "seed": args.seed,
                "recalibrate_bn": args.recalibrate_bn,
                "val_images": args.val_images or 5000,
                "bnest_variance": bnest_variance_report(fp_model, images), "rows": []}
@@ -121,7 +123,7 @@ def main() -> None:
         print(f"Plain FP32 {results['plain_fp32_top1']:.2f}%", flush=True)
     for method, source in sources.items():
         for bits in (int(b) for b in args.bits.split(",")):
-            torch.manual_seed(0)
+            torch.manual_seed(args.seed)
             signed = not (args.act_unsigned_below_8 and bits < 8)
             model = quantized_model(copy.deepcopy(source), "merged" if method == "plain" else method, bits, bits,
                                     signed, init=args.init)
