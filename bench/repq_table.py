@@ -33,6 +33,7 @@ from pipeline.commands.finetune import (  # noqa: E402
 )
 from pipeline.distributed import init_distributed  # noqa: E402
 from pipeline.train import evaluate, load_model_checkpoint  # noqa: E402
+from quant.lsq import INIT_METHODS  # noqa: E402
 from quant.repq import RepQBlock, conv_batch_stats, estimated_stats, wrap_model  # noqa: E402
 
 LABELS = {"plain": "Plain", "merged": "Merged", "bn": "RepQ-BN", "bnest": "RepQ-BNEst", "repq": "RepQ"}
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="BATCHES",
                         help="re-estimate BN running statistics over this many batches after fine-tuning")
     parser.add_argument("--distill", type=float, default=0.0, help="weight of the loss against the FP model")
-    parser.add_argument("--init", choices=["minerror", "max"], default="minerror",
+    parser.add_argument("--init", choices=INIT_METHODS, default="minerror",
                         help="activation step initialisation on the first batch")
     parser.add_argument("--act-unsigned-below-8", action="store_true",
                         help="unsigned activations for < 8 bits (simulation; not exportable for TensorRT)")
@@ -122,6 +123,7 @@ def main() -> None:
         results["plain_fp32_top1"] = evaluate(copy.deepcopy(sources["plain"]), val_loader, ctx)["top1"]
         print(f"Plain FP32 {results['plain_fp32_top1']:.2f}%", flush=True)
     for method, source in sources.items():
+        teacher = distillation_teacher(source, args.distill)  # one fused FP copy per source, not per row
         for bits in (int(b) for b in args.bits.split(",")):
             torch.manual_seed(args.seed)
             signed = not (args.act_unsigned_below_8 and bits < 8)
@@ -129,8 +131,7 @@ def main() -> None:
                                     signed, init=args.init)
             lr = (args.lr_merged or args.lr / 10) if method in ("merged", "plain") else args.lr
             losses = finetune(model, train_loader, epochs, lr, log=lambda s: print("  " + s, flush=True),
-                              label_smoothing=args.label_smoothing, teacher=distillation_teacher(source, args.distill),
-                              distill=args.distill)
+                              label_smoothing=args.label_smoothing, teacher=teacher, distill=args.distill)
             recalibrate_bn(model, train_loader, args.recalibrate_bn)
             row = {"method": method, "bits": bits, "act_signed": signed, "steps": len(losses), "lr": lr,
                    "fake_quant_top1": evaluate(model, val_loader, ctx)["top1"]}

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant.lsq import INIT_METHODS
 from reparam.errors import RepqError
 
 METHODS = ("repq", "bn", "bnest", "merged")
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight in [0, 1] of the loss against the FP model's outputs (knowledge distillation)")
     parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="BATCHES",
                         help="after fine-tuning, re-estimate BN running statistics over this many batches")
-    parser.add_argument("--init", choices=["minerror", "max"], default="minerror",
+    parser.add_argument("--init", choices=INIT_METHODS, default="minerror",
                         help="activation step initialisation on the first batch")
     parser.add_argument("--val-size", type=float, default=5000, help="val split carved from train (count)")
     parser.add_argument("--split-seed", type=int, default=0)
