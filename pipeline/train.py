@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from calibration.datasets import ImageData, check_finite, load_data
@@ -52,6 +52,9 @@ class TrainSettings(BaseModel):
     width_mult: float | None = Field(None, gt=0, description="model width multiplier; None keeps the model's")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra create_model arguments")
     epochs: int = Field(10, ge=1)
+    low_res: int | None = Field(None, ge=8, description="progressive resizing: the first low_res_epochs train on "
+                                "inputs resized to this many pixels (cheaper epochs); later ones at full size")
+    low_res_epochs: int = Field(0, ge=0)
     batch_size: int = Field(128, ge=1, description="global batch, split over the processes")
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0)
@@ -79,6 +82,15 @@ class TrainSettings(BaseModel):
     sync_bn: bool = Field(True, description="BatchNorm statistics over all processes' batches")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (quick probes)")
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _full_size_last(self) -> TrainSettings:
+        if self.low_res_epochs and self.low_res is None:
+            raise ValueError("low_res_epochs needs low_res (the input size of those epochs)")
+        if self.low_res_epochs >= self.epochs:
+            raise ValueError(f"low_res_epochs ({self.low_res_epochs}) must leave full-size epochs of the "
+                             f"{self.epochs}: evaluation and deployment run at full size")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- model helpers
@@ -366,6 +378,11 @@ def _to_device(images, labels, device, channels_last, dtype=torch.float32):
     return images, labels.to(device, non_blocking=True)
 
 
+def _resized(images: torch.Tensor, size: int, channels_last: bool) -> torch.Tensor:
+    images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
 # ------------------------------------------------------------------------------------------------- training
 
 
@@ -413,6 +430,9 @@ def _train(settings, data, out: Path, resume, on_step, ctx: DistContext, recipe,
         raise RepqError(f"{out} already holds a training run: pass --resume to continue it or choose another "
                         "--out")
     data = _load_data_once(settings, data, ctx)
+    if settings.low_res_epochs and isinstance(data, SRData):
+        raise RepqError("low_res_epochs (progressive resizing) is for classification: super-resolution targets "
+                        "are images of a fixed size; set low_res_epochs to 0")
     key = metric_key(data)
     seed_everything(settings.seed)
     if initial_model is None:
@@ -510,6 +530,8 @@ def _train_epoch(net, model, loader, optimizer, scheduler, scaler, dtype, settin
         check_finite(images, f"epoch {epoch + 1}, batch {step}")
         classifying = not labels.is_floating_point()
         images, labels = _to_device(images, labels, ctx.device, channels_last, _dtype_of(model))
+        if epoch < settings.low_res_epochs:
+            images = _resized(images, settings.low_res, channels_last)
         with torch.autocast(ctx.device.type, dtype=dtype) if dtype else nullcontext():
             logits = net(images)
             loss = task_loss(logits, labels, settings.label_smoothing)

@@ -121,6 +121,24 @@ def test_minerror_per_channel_and_first_batch_only():
     assert torch.equal(q.step.detach(), steps)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_default_weight_steps_keep_a_merged_kernels_identity_taps(bits):
+    """A QARepVGG-style merged kernel: small 3x3 taps plus an identity of 1 on each centre tap. MinError (the
+    weight-MSE optimum) clips those taps at 4 bits, which sank CIFAR QARepVGG-A0 (NaN loss); the default keeps
+    them to within half a step."""
+    torch.manual_seed(0)
+    w = 0.05 * torch.randn(16, 16, 3, 3)
+    w[torch.arange(16), torch.arange(16), 1, 1] += 1.0
+    centre = w[torch.arange(16), torch.arange(16), 1, 1]
+    default = weight_quantizer(bits, out_channels=16)
+    kept = default(w)[torch.arange(16), torch.arange(16), 1, 1]
+    assert torch.all((kept - centre).abs() <= default.effective_step() / 2 + 1e-6)
+    if bits == 4:
+        minerror = weight_quantizer(bits, out_channels=16, init="minerror")
+        clipped = minerror(w)[torch.arange(16), torch.arange(16), 1, 1]
+        assert torch.all(clipped < 0.95 * centre)
+
+
 def test_unknown_init_is_refused():
     with pytest.raises(RepqError, match="minerror"):
         LSQQuantizer(8, init="percentile")

@@ -242,3 +242,21 @@ def test_channels_last_training_step_equals_nchw_and_is_chosen_only_where_safe()
     assert use_channels_last(None, cpu, 32) and not use_channels_last(None, cpu, 224)
     assert use_channels_last(None, torch.device("cuda"), 224)
     assert not use_channels_last(False, cpu, 32) and use_channels_last(True, cpu, 224)
+
+
+def test_progressive_resizing_trains_the_first_epochs_on_smaller_inputs(tmp_path):
+    from pydantic import ValidationError
+
+    settings = TrainSettings(**{**TINY, "epochs": 3, "low_res": 16, "low_res_epochs": 2})
+    model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125)
+    seen = []  # (training?, input size) of every forward; deep copies of the model keep the hook
+    model.register_forward_pre_hook(lambda module, args: seen.append((module.training, args[0].shape[-1])))
+    summary = train(settings, "digits", tmp_path / "run", initial_model=model)
+    steps = settings.max_steps_per_epoch
+    train_sizes = [size for training, size in seen if training]
+    assert train_sizes == [16] * (2 * steps) + [32] * steps
+    assert summary["last"]["deploy_agrees"]
+    with pytest.raises(ValidationError, match="must leave full-size epochs"):
+        TrainSettings(epochs=2, low_res=16, low_res_epochs=2)
+    with pytest.raises(ValidationError, match="needs low_res"):
+        TrainSettings(epochs=2, low_res_epochs=1)
