@@ -3,6 +3,8 @@
     python bench/train_cifar.py speed                      # images/s of a training step, both models
     python bench/train_cifar.py run --model repvgg_a0 --epochs 30 --out runs/cifar_repvgg_a0
     python bench/train_cifar.py target --minutes 60        # both models, epochs sized to fit the budget
+    python bench/train_cifar.py run --model repvgg_a0 --epochs 52 --low-res 24 --low-res-epochs 34 --out DIR
+                                      # progressive resizing: 34 epochs at 24 px (~0.6x the time), 18 at 32
 
 Data: ../shared/datasets/cifar10 (train/ only; 5,000 images, 500 per class, held out for validation with the
 fixed split seed 0). Target: RepVGG-A0 >= 88% val top-1 within 60 minutes of training on a 2-core CPU, and
