@@ -108,7 +108,8 @@ def cmd_speed(args) -> dict:
 
 def cmd_run(args) -> dict:
     settings = recipe(args.model, width_mult=args.width, epochs=args.epochs, lr=args.lr, l2=args.l2,
-                      low_res=args.low_res, low_res_epochs=args.low_res_epochs, device=args.device, precision=args.precision, progress=not args.no_progress)
+                      low_res=args.low_res, low_res_epochs=args.low_res_epochs, device=args.device,
+                      precision=args.precision, progress=not args.no_progress)
     start = time.perf_counter()
     summary = train(settings, args.data, args.out, resume=args.resume)
     minutes = (time.perf_counter() - start) / 60
@@ -153,7 +154,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--lr", type=float, default=RECIPE["lr"])
-    parser.add_argument("--low-res", type=int, default=None, help="progressive resizing: input size of the first epochs")
+    parser.add_argument("--low-res", type=int, default=None,
+                        help="progressive resizing: input size of the first --low-res-epochs epochs")
     parser.add_argument("--low-res-epochs", type=int, default=0)
     parser.add_argument("--l2", default=RECIPE["l2"], choices=["plain", "custom"])
     parser.add_argument("--steps", type=int, default=20)

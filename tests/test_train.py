@@ -223,6 +223,9 @@ def test_cli_settings_and_errors(tmp_path):
         command.settings_from_args(parser.parse_args(["--out", "x", "--set", "label_smothing=0.1"]))
     with pytest.raises(RepqError, match="training setting optimizer"):
         command.settings_from_args(parser.parse_args(["--out", "x", "--optimizer", "lion"]))
+    with pytest.raises(RepqError, match=r"^training settings: low_res_epochs \(3\) must leave full-size epochs"):
+        command.settings_from_args(parser.parse_args(["--out", "x", "--epochs", "3", "--set", "low_res=24",
+                                                      "--set", "low_res_epochs=3"]))
 
 
 def test_channels_last_training_step_equals_nchw_and_is_chosen_only_where_safe():

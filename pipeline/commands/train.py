@@ -95,6 +95,8 @@ def _one_line(err: ValidationError, model) -> str:
         close = difflib.get_close_matches(key, model.model_fields, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(model.model_fields)}"
         return f"unknown training setting {key!r}: {hint}"
+    if not key:  # a check across settings: its message names them, and the input is every setting
+        return f"training settings: {first['msg'].removeprefix('Value error, ')}"
     return f"training setting {key}: {first['msg']} (got {first.get('input')!r})"
 
 
