@@ -306,6 +306,10 @@ def parse_value(text: str) -> Any:
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        pass
+    try:
+        return json.loads(text)  # JSON spellings inside a value: {"deploy": false}
+    except json.JSONDecodeError:
         return text  # a bare word (a model name, a path)
 
 
@@ -334,12 +338,17 @@ def _error_line(err: dict) -> str:
         allowed = _allowed_keys(loc[:-1])
         hint = _suggest(str(loc[-1]), allowed) or _suggest_elsewhere(str(loc[-1]))
         return f"{where}: unknown key{hint}; allowed here: {', '.join(allowed)}"
-    got = err.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
     field = _field_at(loc)
     desc = f"; {field.description}" if field is not None and field.description else ""
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {msg}{shown}{desc}"
+    return f"{where}: {error_detail(err)}{desc}"
+
+
+def error_detail(err: dict) -> str:
+    """A pydantic error's message without its "Value error, " prefix, then the input it got, unless that is a
+    whole mapping (a check across settings: its message names them, and the input is every setting)."""
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return err["msg"].removeprefix("Value error, ") + shown
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:

@@ -74,6 +74,8 @@ def test_overrides_are_literals_applied_before_validation():
     assert recipe.model.width_mult is None and recipe.stages.train.lr == 1e-3
     assert recipe.model.kwargs == {"deploy": False}
     assert parse_override("data.source=/a/b=c") == ("data.source", "/a/b=c")
+    assert parse_override('model.kwargs={"deploy": false, "in_chans": 1}') == ("model.kwargs",
+                                                                             {"deploy": False, "in_chans": 1})
     with pytest.raises(RepqError, match="not key=value"):
         load_recipe(None, ["epochs"])
     with pytest.raises(RepqError, match=r"seed: Input should be a valid integer.*\(got 'abc'\)"):

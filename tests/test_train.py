@@ -215,8 +215,10 @@ def test_cli_settings_and_errors(tmp_path):
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     args = parser.parse_args(["--out", str(tmp_path), "--width-mult", "0.125", "--epochs", "3", "--l2", "custom",
-                              "--set", "nesterov=false", "--set", "max_steps_per_epoch=2", "--val-size", "5000"])
+                              "--set", "nesterov=false", "--set", "max_steps_per_epoch=2", "--val-size", "5000",
+                              "--set", 'model_kwargs={"deploy": false}'])
     settings = command.settings_from_args(args)
+    assert settings.model_kwargs == {"deploy": False}
     assert (settings.width_mult, settings.epochs, settings.l2, settings.nesterov) == (0.125, 3, "custom", False)
     assert settings.max_steps_per_epoch == 2 and settings.val_size == 5000
     with pytest.raises(RepqError, match="did you mean label_smoothing"):

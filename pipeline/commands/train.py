@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from pydantic import ValidationError
 
@@ -46,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
+    from pipeline.recipe import parse_value
     from pipeline.train import TrainSettings
 
     values: dict = _read_config(args.config) if args.config else {}
@@ -53,7 +53,7 @@ def settings_from_args(args: argparse.Namespace):
         key, sep, raw = item.partition("=")
         if not sep:
             raise RepqError(f"--set {item!r} is not KEY=VALUE: write e.g. --set nesterov=false")
-        values[key.strip()] = _parse_value(raw)
+        values[key.strip()] = parse_value(raw.strip())
     values.update({k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None})
     if "model" not in values and "width_mult" not in values:
         values.update(model=DEFAULT_MODEL, width_mult=DEFAULT_WIDTH)
@@ -78,16 +78,10 @@ def _read_config(path: str) -> dict:
     return values.get("train", values)  # a whole recipe file works too
 
 
-def _parse_value(raw: str):
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        lowered = raw.strip().lower()
-        return {"true": True, "false": False, "none": None, "null": None}.get(lowered, raw.strip())
-
-
 def _one_line(err: ValidationError, model) -> str:
     import difflib
+
+    from pipeline.recipe import error_detail
 
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
@@ -95,9 +89,8 @@ def _one_line(err: ValidationError, model) -> str:
         close = difflib.get_close_matches(key, model.model_fields, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(model.model_fields)}"
         return f"unknown training setting {key!r}: {hint}"
-    if not key:  # a check across settings: its message names them, and the input is every setting
-        return f"training settings: {first['msg'].removeprefix('Value error, ')}"
-    return f"training setting {key}: {first['msg']} (got {first.get('input')!r})"
+    where = f"training setting {key}" if key else "training settings"
+    return f"{where}: {error_detail(first)}"
 
 
 def run(args: argparse.Namespace) -> int:
