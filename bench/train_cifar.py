@@ -28,7 +28,14 @@ sys.path.insert(0, str(ROOT))
 
 from calibration.datasets import load_data  # noqa: E402
 from calibration.loaders import build_loaders, set_loader_epoch  # noqa: E402
-from pipeline.train import TrainSettings, build_model, make_optimizer, train, use_channels_last  # noqa: E402
+from pipeline.train import (  # noqa: E402
+    TrainSettings,
+    autocast_dtype,
+    build_model,
+    make_optimizer,
+    train,
+    use_channels_last,
+)
 
 DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
 MODELS = ("repvgg_a0", "qarepvgg_a0")
@@ -57,7 +64,7 @@ def measure_speed(model_name: str, settings: TrainSettings, data, device: str, s
     loader, _ = build_loaders(data, settings.batch_size)
     set_loader_epoch(loader, 0)
     batches = iter(loader)
-    dtype = torch.bfloat16 if cuda and settings.precision in ("auto", "bf16") else None
+    dtype = autocast_dtype(settings, dev)
 
     def step():
         images, labels = next(batches)
@@ -108,6 +115,7 @@ def cmd_speed(args) -> dict:
 
 def cmd_run(args) -> dict:
     settings = recipe(args.model, width_mult=args.width, epochs=args.epochs, lr=args.lr, l2=args.l2,
+                      weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                       low_res=args.low_res, low_res_epochs=args.low_res_epochs, device=args.device,
                       precision=args.precision, progress=not args.no_progress)
     start = time.perf_counter()
@@ -154,6 +162,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--lr", type=float, default=RECIPE["lr"])
+    parser.add_argument("--weight-decay", type=float, default=RECIPE["weight_decay"])
+    parser.add_argument("--label-smoothing", type=float, default=RECIPE["label_smoothing"])
     parser.add_argument("--low-res", type=int, default=None,
                         help="progressive resizing: input size of the first --low-res-epochs epochs")
     parser.add_argument("--low-res-epochs", type=int, default=0)

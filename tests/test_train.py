@@ -15,6 +15,7 @@ import torch
 
 from pipeline.train import (
     TrainSettings,
+    autocast_dtype,
     load_model_checkpoint,
     make_optimizer,
     parameter_groups,
@@ -265,3 +266,21 @@ def test_progressive_resizing_trains_the_first_epochs_on_smaller_inputs(tmp_path
         TrainSettings(epochs=2, low_res=16, low_res_epochs=2)
     with pytest.raises(ValidationError, match="needs low_res"):
         TrainSettings(epochs=2, low_res_epochs=1)
+
+
+def test_bf16_asked_for_autocasts_on_the_cpu_and_evaluation_stays_float32(tmp_path):
+    """precision=bf16 runs the training convs in bfloat16 on the CPU; auto keeps the CPU in float32; the
+    evaluation (and its deploy check) runs the float32 weights in float32 either way."""
+    settings = TrainSettings(**{**TINY, "epochs": 1, "precision": "bf16"})
+    model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125)
+    seen = []  # dtype of the model's output in every training step
+    model.register_forward_hook(lambda module, args, out: seen.append(out.dtype) if module.training else None)
+    summary = train(settings, "digits", tmp_path / "run", initial_model=model)
+    assert seen and set(seen) == {torch.bfloat16}
+    # bf16 logits would differ from the fused model's by ~1e-2: the evaluation ran in float32.
+    assert summary["last"]["deploy_max_logit_diff"] < 1e-4
+    cpu = torch.device("cpu")
+    assert autocast_dtype(TrainSettings(), cpu) is None
+    assert autocast_dtype(TrainSettings(), torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(RepqError, match="fp16 needs CUDA"):
+        autocast_dtype(TrainSettings(precision="fp16"), cpu)
