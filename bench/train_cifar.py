@@ -2,6 +2,7 @@
 
     python bench/train_cifar.py speed                      # images/s of a training step, both models
     python bench/train_cifar.py run --model repvgg_a0 --epochs 30 --out runs/cifar_repvgg_a0
+    python bench/train_cifar.py run --model repvgg_a0 --epochs 50 --precision bf16 --out DIR  # bf16 autocast on the CPU
     python bench/train_cifar.py target --minutes 60        # both models, epochs sized to fit the budget
     python bench/train_cifar.py run --model repvgg_a0 --epochs 52 --low-res 24 --low-res-epochs 34 --out DIR
                                       # progressive resizing: 34 epochs at 24 px (~0.6x the time), 18 at 32
@@ -131,7 +132,8 @@ def cmd_run(args) -> dict:
 def cmd_target(args) -> dict:
     """Size the epochs to the time budget from a speed measurement, then train both models."""
     data = load_data(args.data, val_size=5000)
-    rate = measure_speed(MODELS[0], recipe(MODELS[0], width_mult=args.width), data, args.device, 40)
+    rate = measure_speed(MODELS[0], recipe(MODELS[0], width_mult=args.width, precision=args.precision), data,
+                         args.device, 40)
     per_epoch = TRAIN_IMAGES / rate["images_per_s"] / 60 * (1 + EVAL_SHARE)
     epochs = args.epochs or max(1, math.floor(args.minutes / per_epoch))
     print(f"{rate['images_per_s']:.0f} images/s -> {per_epoch:.2f} min per epoch -> {epochs} epochs in "
