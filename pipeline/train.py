@@ -255,7 +255,7 @@ def seed_everything(seed: int) -> None:
 
 def autocast_dtype(settings: TrainSettings, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of training steps; None for plain float32. An explicit bf16 also runs on the CPU
-    (about 1.3x the images/s of float32 on an AVX512-BF16 CPU); auto keeps the CPU in float32."""
+    (1.3-1.5x the images/s of float32 on an AVX512-BF16 CPU); auto keeps the CPU in float32."""
     precision = settings.precision
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
