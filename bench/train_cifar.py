@@ -6,6 +6,7 @@
     python bench/train_cifar.py target --minutes 60        # both models, epochs sized to fit the budget
     python bench/train_cifar.py run --model repvgg_a0 --epochs 52 --low-res 24 --low-res-epochs 34 --out DIR
                                       # progressive resizing: 34 epochs at 24 px (~0.6x the time), 18 at 32
+    python bench/train_cifar.py tta --checkpoints DIR/best.pt ...   # val top-1 with test-time flips/shifts
 
 Data: ../shared/datasets/cifar10 (train/ only; 5,000 images, 500 per class, held out for validation with the
 fixed split seed 0). Target: RepVGG-A0 >= 88% val top-1 within 60 minutes of training on a 2-core CPU, and
@@ -33,10 +34,12 @@ from pipeline.train import (  # noqa: E402
     TrainSettings,
     autocast_dtype,
     build_model,
+    load_model_checkpoint,
     make_optimizer,
     train,
     use_channels_last,
 )
+from reparam import fuse_model  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
 MODELS = ("repvgg_a0", "qarepvgg_a0")
@@ -153,12 +156,51 @@ def cmd_target(args) -> dict:
     return {"epochs": epochs, "speed": rate, "runs": runs, "verdict": verdict}
 
 
+TTA_VIEWS = ("single", "flip", "flip+shift")
+
+
+def tta_probabilities(model: torch.nn.Module, images: torch.Tensor, views: str) -> torch.Tensor:
+    """Softmax averaged over test-time views: the image; + its mirror ("flip"); + both of those moved one
+    pixel down-right and one up-left (reflect padding) at half weight ("flip+shift"). An evaluation protocol only:
+    a deployed engine runs one view per image, so `val_top1` in metrics.jsonl stays single-view."""
+    if views not in TTA_VIEWS:
+        raise ValueError(f"unknown TTA views {views!r}: use one of {', '.join(TTA_VIEWS)}")
+    probs = model(images).softmax(1)
+    if views == "single":
+        return probs
+    probs = probs + model(images.flip(-1)).softmax(1)
+    if views == "flip+shift":
+        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+        for shifted in (padded[..., :-2, :-2], padded[..., 2:, 2:]):
+            probs = probs + 0.5 * (model(shifted).softmax(1) + model(shifted.flip(-1)).softmax(1))
+    return probs
+
+
+@torch.no_grad()
+def cmd_tta(args) -> dict:
+    """Val top-1 of each checkpoint's fused deploy form, single-view and with test-time views."""
+    data = load_data(args.data, val_size=5000)
+    _, val = build_loaders(data, 256)
+    results = {}
+    for path in args.checkpoints:
+        model = fuse_model(load_model_checkpoint(path)[0].eval())
+        hits, count = dict.fromkeys(TTA_VIEWS, 0), 0
+        for images, labels in val:
+            for views in TTA_VIEWS:
+                hits[views] += int((tta_probabilities(model, images, views).argmax(1) == labels).sum())
+            count += len(labels)
+        results[path] = {views: 100.0 * h / count for views, h in hits.items()}
+        print(f"{path}: " + ", ".join(f"{v} {t:.2f}%" for v, t in results[path].items()), flush=True)
+    return {"tta_val_top1": results}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["speed", "run", "target"])
+    parser.add_argument("command", choices=["speed", "run", "target", "tta"])
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--model", default=MODELS[0])
+    parser.add_argument("--checkpoints", nargs="+", default=[], help="tta: checkpoints (repq train's best.pt)")
     parser.add_argument("--width", type=float, default=RECIPE["width_mult"])
     parser.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
     parser.add_argument("--epochs", type=int, default=None)
@@ -180,7 +222,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run" and args.epochs is None:
         parser.error("run needs --epochs")
-    result = {"speed": cmd_speed, "run": cmd_run, "target": cmd_target}[args.command](args)
+    if args.command == "tta" and not args.checkpoints:
+        parser.error("tta needs --checkpoints")
+    result = {"speed": cmd_speed, "run": cmd_run, "target": cmd_target, "tta": cmd_tta}[args.command](args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
