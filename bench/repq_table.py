@@ -97,6 +97,9 @@ def main() -> None:
                         help="activation step initialisation on the first batch")
     parser.add_argument("--act-unsigned-below-8", action="store_true",
                         help="unsigned activations for < 8 bits (simulation; not exportable for TensorRT)")
+    parser.add_argument("--float-control", action="store_true",
+                        help="also fine-tune the FP model itself with the same budget (lr, epochs, distillation, "
+                             "BN recalibration): what the extra training alone does, apart from quantization")
     parser.add_argument("--out", default="/tmp/repq_table")
     args = parser.parse_args()
 
@@ -117,6 +120,11 @@ def main() -> None:
                "val_images": args.val_images or 5000,
                "bnest_variance": bnest_variance_report(fp_model, images), "rows": []}
     print(f"FP32 {fp_top1:.2f}%  BNEst on real activations: {results['bnest_variance']}", flush=True)
+    if args.float_control:
+        results["fp32_finetuned_top1"] = float_control(fp_model, train_loader, val_loader, ctx, epochs, args)
+        print(f"FP32 fine-tuned with the same budget (no quantizers): {results['fp32_finetuned_top1']:.2f}%",
+              flush=True)
+        (out / "table.json").write_text(json.dumps(results, indent=2))
     sources = {m: fp_model for m in args.methods.split(",") if m}
     if args.plain_checkpoint:
         sources["plain"] = load_model_checkpoint(args.plain_checkpoint)[0]
@@ -146,6 +154,17 @@ def main() -> None:
     (out / "table.md").write_text(markdown(results))
 
 
+def float_control(fp_model, train_loader, val_loader, ctx, epochs: float, args) -> float:
+    """Val top-1 of the FP model fine-tuned exactly as the RepQ rows are, without quantizers."""
+    torch.manual_seed(args.seed)
+    model = copy.deepcopy(fp_model)
+    finetune(model, train_loader, epochs, args.lr, log=lambda s: print("  fp32 " + s, flush=True),
+             label_smoothing=args.label_smoothing, teacher=distillation_teacher(fp_model, args.distill),
+             distill=args.distill)
+    recalibrate_bn(model, train_loader, args.recalibrate_bn)
+    return evaluate(model, val_loader, ctx)["top1"]
+
+
 def _first(loader, count: int, batch: int = 128) -> list:
     """A fixed random subset of ``count`` val images (the val loader runs class by class, so its first images
     would be a few classes only), as a list of batches."""
@@ -164,6 +183,8 @@ def markdown(results: dict) -> str:
         cells = [f"{r8['fake_quant_top1']:.2f}" if r8 else "-", f"{r8['ort_top1']:.2f}" if "ort_top1" in r8 else "-",
                  f"{r4['fake_quant_top1']:.2f}" if r4 else "-"]
         lines.append(f"| {LABELS[method]} | {fp} | " + " | ".join(cells) + " |")
+    if "fp32_finetuned_top1" in results:
+        lines.append(f"\nFP32 fine-tuned with the same budget, no quantizers: {results['fp32_finetuned_top1']:.2f}")
     return "\n".join(lines) + "\n"
 
 
