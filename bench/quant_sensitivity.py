@@ -7,7 +7,7 @@ go on the fused model; their steps come from the calibration set (512 training i
 - per layer: top-1 with only that layer's weights quantized;
 - per fused 3x3 kernel: the median over output channels of max|w| / rms(w), of the largest off-centre tap
   over max|w| (a RepVGG identity branch puts the maximum on the centre tap), and of the weight rounding error
-  over rms(w) at the step max|w| / Qp. Taps under half a step round to zero.
+  over rms(w) at the weight quantizer's max step (max|w| / Qp). Taps under half a step round to zero.
 
     python bench/quant_sensitivity.py --checkpoint runs/bench_cifar_cl/repvgg_a0/best.pt --bits 8
 """
@@ -30,13 +30,14 @@ from calibration.loaders import build_loaders, calibration_set  # noqa: E402
 from pipeline.commands.finetune import quantized_model  # noqa: E402
 from pipeline.distributed import init_distributed  # noqa: E402
 from pipeline.train import evaluate, load_model_checkpoint  # noqa: E402
-from quant.lsq import LSQQuantizer, qrange  # noqa: E402
+from quant.lsq import LSQQuantizer, weight_quantizer  # noqa: E402
 from reparam import fuse_model  # noqa: E402
 
 
+@torch.no_grad()
 def kernel_ranges(model: torch.nn.Module, bits: int) -> list[dict]:
-    """Range statistics of every fused 3x3 kernel (medians over output channels)."""
-    _, qp = qrange(bits, True)
+    """Range statistics of every fused 3x3 kernel (medians over output channels); the rounding error is that
+    of the deploy weight quantizer at its max-initialised steps."""
     rows = []
     for name, conv in fuse_model(copy.deepcopy(model).eval()).named_modules():
         if not isinstance(conv, torch.nn.Conv2d) or conv.kernel_size != (3, 3):
@@ -44,8 +45,8 @@ def kernel_ranges(model: torch.nn.Module, bits: int) -> list[dict]:
         weight = conv.weight.detach()
         flat = weight.flatten(1)
         peak, rms = flat.abs().amax(1), flat.pow(2).mean(1).sqrt()
-        step = (peak / qp)[:, None]
-        error = ((torch.round(flat / step) * step - flat).pow(2).mean(1).sqrt() / rms)
+        quantized = weight_quantizer(bits, weight.shape[0], init="max")(weight).flatten(1)
+        error = (quantized - flat).pow(2).mean(1).sqrt() / rms
         off_centre = weight.clone()
         off_centre[:, :, 1, 1] = 0
         rows.append({"layer": name, "peak_over_rms": float((peak / rms).median()),

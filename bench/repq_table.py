@@ -138,11 +138,9 @@ def main() -> None:
             model = quantized_model(copy.deepcopy(source), "merged" if method == "plain" else method, bits, bits,
                                     signed, init=args.init)
             lr = (args.lr_merged or args.lr / 10) if method in ("merged", "plain") else args.lr
-            losses = finetune(model, train_loader, epochs, lr, log=lambda s: print("  " + s, flush=True),
-                              label_smoothing=args.label_smoothing, teacher=teacher, distill=args.distill)
-            recalibrate_bn(model, train_loader, args.recalibrate_bn)
-            row = {"method": method, "bits": bits, "act_signed": signed, "steps": len(losses), "lr": lr,
-                   "fake_quant_top1": evaluate(model, val_loader, ctx)["top1"]}
+            steps, top1 = finetune_and_score(model, teacher, lr, epochs, train_loader, val_loader, ctx, args)
+            row = {"method": method, "bits": bits, "act_signed": signed, "steps": steps, "lr": lr,
+                   "fake_quant_top1": top1}
             if bits == 8:  # the INT8 engine itself: ORT's placement, QLinearConv kernels
                 path = export_quantized(model, out / f"{method}_w8a8.ort.onnx", "onnxruntime",
                                         (1, *images.shape[1:]), dynamic_batch=True)
@@ -154,15 +152,21 @@ def main() -> None:
     (out / "table.md").write_text(markdown(results))
 
 
+def finetune_and_score(model, teacher, lr: float, epochs: float, train_loader, val_loader, ctx, args,
+                       tag: str = "") -> tuple[int, float]:
+    """One row's budget: fine-tune, recalibrate BN, then (steps taken, val top-1)."""
+    losses = finetune(model, train_loader, epochs, lr, log=lambda s: print(f"  {tag}{s}", flush=True),
+                      label_smoothing=args.label_smoothing, teacher=teacher, distill=args.distill)
+    recalibrate_bn(model, train_loader, args.recalibrate_bn)
+    return len(losses), evaluate(model, val_loader, ctx)["top1"]
+
+
 def float_control(fp_model, train_loader, val_loader, ctx, epochs: float, args) -> float:
     """Val top-1 of the FP model fine-tuned exactly as the RepQ rows are, without quantizers."""
     torch.manual_seed(args.seed)
-    model = copy.deepcopy(fp_model)
-    finetune(model, train_loader, epochs, args.lr, log=lambda s: print("  fp32 " + s, flush=True),
-             label_smoothing=args.label_smoothing, teacher=distillation_teacher(fp_model, args.distill),
-             distill=args.distill)
-    recalibrate_bn(model, train_loader, args.recalibrate_bn)
-    return evaluate(model, val_loader, ctx)["top1"]
+    teacher = distillation_teacher(fp_model, args.distill)
+    return finetune_and_score(copy.deepcopy(fp_model), teacher, args.lr, epochs, train_loader, val_loader, ctx,
+                              args, tag="fp32 ")[1]
 
 
 def _first(loader, count: int, batch: int = 128) -> list:

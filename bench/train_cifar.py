@@ -159,21 +159,17 @@ def cmd_target(args) -> dict:
 TTA_VIEWS = ("single", "flip", "flip+shift")
 
 
-def tta_probabilities(model: torch.nn.Module, images: torch.Tensor, views: str) -> torch.Tensor:
-    """Softmax averaged over test-time views: the image; + its mirror ("flip"); + both of those moved one
-    pixel down-right and one up-left (reflect padding) at half weight ("flip+shift"). An evaluation protocol only:
-    a deployed engine runs one view per image, so `val_top1` in metrics.jsonl stays single-view."""
-    if views not in TTA_VIEWS:
-        raise ValueError(f"unknown TTA views {views!r}: use one of {', '.join(TTA_VIEWS)}")
-    probs = model(images).softmax(1)
-    if views == "single":
-        return probs
-    probs = probs + model(images.flip(-1)).softmax(1)
-    if views == "flip+shift":
-        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
-        for shifted in (padded[..., :-2, :-2], padded[..., 2:, 2:]):
-            probs = probs + 0.5 * (model(shifted).softmax(1) + model(shifted.flip(-1)).softmax(1))
-    return probs
+def tta_probabilities(model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Softmax summed over test-time views, for each of TTA_VIEWS: the image; + its mirror ("flip"); + both of
+    those moved one pixel down-right and one up-left (reflect padding) at half weight ("flip+shift"). Each view
+    runs once. An evaluation protocol only: a deployed engine runs one view per image, so `val_top1` in
+    metrics.jsonl stays single-view."""
+    single = model(images).softmax(1)
+    flip = single + model(images.flip(-1)).softmax(1)
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    moved = (padded[..., :-2, :-2], padded[..., 2:, 2:])  # content one pixel down-right, one up-left
+    shifts = sum(model(v).softmax(1) + model(v.flip(-1)).softmax(1) for v in moved)
+    return {"single": single, "flip": flip, "flip+shift": flip + 0.5 * shifts}
 
 
 @torch.no_grad()
@@ -186,8 +182,8 @@ def cmd_tta(args) -> dict:
         model = fuse_model(load_model_checkpoint(path)[0].eval())
         hits, count = dict.fromkeys(TTA_VIEWS, 0), 0
         for images, labels in val:
-            for views in TTA_VIEWS:
-                hits[views] += int((tta_probabilities(model, images, views).argmax(1) == labels).sum())
+            for views, probs in tta_probabilities(model, images).items():
+                hits[views] += int((probs.argmax(1) == labels).sum())
             count += len(labels)
         results[path] = {views: 100.0 * h / count for views, h in hits.items()}
         print(f"{path}: " + ", ".join(f"{v} {t:.2f}%" for v, t in results[path].items()), flush=True)

@@ -3,7 +3,6 @@
 import importlib.util
 from pathlib import Path
 
-import pytest
 import torch
 
 SPEC = importlib.util.spec_from_file_location("train_cifar", Path(__file__).parents[1] / "bench" / "train_cifar.py")
@@ -30,9 +29,8 @@ def test_views_are_the_image_its_mirror_and_reflect_padded_one_pixel_shifts():
     # content moved up-left: row 0 is image row 1, columns [x1, ..., x_{W-1}, x_{W-2}]
     moved_up_left = torch.cat([row1[:, 1:], row1[:, -2:-1]], dim=1)
     shifts = sum(soft(v) + soft(v.flip(-1)) for v in (moved_down_right, moved_up_left))
-    model = FirstRow()
-    torch.testing.assert_close(train_cifar.tta_probabilities(model, images, "single"), single)
-    torch.testing.assert_close(train_cifar.tta_probabilities(model, images, "flip"), flip)
-    torch.testing.assert_close(train_cifar.tta_probabilities(model, images, "flip+shift"), flip + 0.5 * shifts)
-    with pytest.raises(ValueError, match="unknown TTA views"):
-        train_cifar.tta_probabilities(model, images, "crops")
+    views = train_cifar.tta_probabilities(FirstRow(), images)
+    assert tuple(views) == train_cifar.TTA_VIEWS
+    torch.testing.assert_close(views["single"], single)
+    torch.testing.assert_close(views["flip"], flip)
+    torch.testing.assert_close(views["flip+shift"], flip + 0.5 * shifts)
