@@ -35,6 +35,7 @@ from pipeline.distributed import init_distributed  # noqa: E402
 from pipeline.train import evaluate, load_model_checkpoint  # noqa: E402
 from quant.lsq import INIT_METHODS  # noqa: E402
 from quant.repq import RepQBlock, conv_batch_stats, estimated_stats, wrap_model  # noqa: E402
+from reparam.io import atomic_save  # noqa: E402
 
 LABELS = {"plain": "Plain", "merged": "Merged", "bn": "RepQ-BN", "bnest": "RepQ-BNEst", "repq": "RepQ"}
 
@@ -100,8 +101,13 @@ def main() -> None:
     parser.add_argument("--float-control", action="store_true",
                         help="also fine-tune the FP model itself with the same budget (lr, epochs, distillation, "
                              "BN recalibration): what the extra training alone does, apart from quantization")
+    parser.add_argument("--start-from", metavar="STATE",
+                        help="one row only: load this fine-tuned state (a previous run's METHOD_wBITS.pt, same method "
+                             "and bits) before fine-tuning, to extend a run with a fresh schedule")
     parser.add_argument("--out", default="/tmp/repq_table")
     args = parser.parse_args()
+    if args.start_from and (len([m for m in args.methods.split(",") if m]) != 1 or "," in args.bits):
+        parser.error("--start-from continues one row: pass one method in --methods and one width in --bits")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,10 +143,13 @@ def main() -> None:
             signed = not (args.act_unsigned_below_8 and bits < 8)
             model = quantized_model(copy.deepcopy(source), "merged" if method == "plain" else method, bits, bits,
                                     signed, init=args.init)
+            if args.start_from:
+                load_state(model, args.start_from)
             lr = (args.lr_merged or args.lr / 10) if method in ("merged", "plain") else args.lr
             steps, top1 = finetune_and_score(model, teacher, lr, epochs, train_loader, val_loader, ctx, args)
             row = {"method": method, "bits": bits, "act_signed": signed, "steps": steps, "lr": lr,
-                   "fake_quant_top1": top1}
+                   "fake_quant_top1": top1, "started_from": args.start_from}
+            atomic_save(model.state_dict(), out / f"{method}_w{bits}.pt")
             if bits == 8:  # the INT8 engine itself: ORT's placement, QLinearConv kernels
                 path = export_quantized(model, out / f"{method}_w8a8.ort.onnx", "onnxruntime",
                                         (1, *images.shape[1:]), dynamic_batch=True)
@@ -167,6 +176,16 @@ def float_control(fp_model, train_loader, val_loader, ctx, epochs: float, args) 
     teacher = distillation_teacher(fp_model, args.distill)
     return finetune_and_score(copy.deepcopy(fp_model), teacher, args.lr, epochs, train_loader, val_loader, ctx,
                               args, tag="fp32 ")[1]
+
+
+def load_state(model: torch.nn.Module, path: str) -> None:
+    """Load a previous row's fine-tuned state (its steps count as initialised, so none is re-measured)."""
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, EOFError) as error:
+        first_line = str(error).splitlines()[0]
+        raise SystemExit(f"cannot start from {path}: {first_line}; pass the METHOD_wBITS.pt that repq_table wrote "
+                         f"for this checkpoint, method and bit width") from None
 
 
 def _first(loader, count: int, batch: int = 128) -> list:

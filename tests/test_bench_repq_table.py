@@ -1,0 +1,49 @@
+"""bench/repq_table.py --start-from: a saved row continues with its learned steps, and a bad file is named."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from quant.repq import wrap_model
+from reparam.io import atomic_save
+from reparam.models import create_model
+
+SPEC = importlib.util.spec_from_file_location("repq_table", Path(__file__).parents[1] / "bench" / "repq_table.py")
+repq_table = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(repq_table)
+
+
+def _wrapped() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.25), "bnest", 4, 4)
+
+
+def test_a_saved_row_loads_with_its_steps_and_does_not_reinitialise_them(tmp_path):
+    trained = _wrapped().train()
+    trained(torch.randn(8, 3, 32, 32))  # the first batch initialises every step (MinError)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if name.endswith("step"):
+                p.mul_(1.5)  # steps no first batch would give: a re-initialisation would show
+    atomic_save(trained.state_dict(), tmp_path / "bnest_w4.pt")
+
+    fresh = _wrapped()
+    repq_table.load_state(fresh, str(tmp_path / "bnest_w4.pt"))
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(fresh.eval()(x), trained.eval()(x), rtol=0, atol=0)
+    fresh.train()(torch.randn(8, 3, 32, 32))  # a training batch: must not re-measure the loaded steps
+    trained_steps = {n: p for n, p in trained.named_parameters() if n.endswith("step")}
+    assert len(trained_steps) > 20
+    for name, p in fresh.named_parameters():
+        if name.endswith("step"):
+            assert torch.equal(p, trained_steps[name]), name
+
+
+def test_a_truncated_state_is_a_one_line_error_naming_the_file(tmp_path):
+    path = tmp_path / "bnest_w4.pt"
+    atomic_save(_wrapped().state_dict(), path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(SystemExit, match="cannot start from .*bnest_w4.pt"):
+        repq_table.load_state(_wrapped(), str(path))
