@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--distill", type=float, default=0.0, help="weight of the loss against the FP model")
     parser.add_argument("--init", choices=INIT_METHODS, default="minerror",
                         help="activation step initialisation on the first batch")
+    parser.add_argument("--weight-init", choices=INIT_METHODS, default=None,
+                        help="weight step initialisation (default: max from 4 bits up, MinError below)")
     parser.add_argument("--act-unsigned-below-8", action="store_true",
                         help="unsigned activations for < 8 bits (simulation; not exportable for TensorRT)")
     parser.add_argument("--float-control", action="store_true",
@@ -121,7 +123,8 @@ def main() -> None:
     fp_top1 = evaluate(copy.deepcopy(fp_model), val_loader, ctx)["top1"]
     images = next(iter(val_loader))[0][:256]
     results = {"fp32_top1": fp_top1, "checkpoint": args.checkpoint, "epochs": epochs, "lr": args.lr,
-               "label_smoothing": args.label_smoothing, "init": args.init, "distill": args.distill, "seed": args.seed,
+               "label_smoothing": args.label_smoothing, "init": args.init, "weight_init": args.weight_init,
+               "distill": args.distill, "seed": args.seed,
                "recalibrate_bn": args.recalibrate_bn,
                "val_images": args.val_images or 5000,
                "bnest_variance": bnest_variance_report(fp_model, images), "rows": []}
@@ -142,7 +145,7 @@ def main() -> None:
             torch.manual_seed(args.seed)
             signed = not (args.act_unsigned_below_8 and bits < 8)
             model = quantized_model(copy.deepcopy(source), "merged" if method == "plain" else method, bits, bits,
-                                    signed, init=args.init)
+                                    signed, init=args.init, weight_init=args.weight_init)
             if args.start_from:
                 load_state(model, args.start_from)
             lr = (args.lr_merged or args.lr / 10) if method in ("merged", "plain") else args.lr

@@ -240,14 +240,14 @@ class LSQConv2d(nn.Conv2d):
     """
 
     def attach_quantizers(self, w_bits: int, a_bits: int, per_channel: bool = True, act_signed: bool = True,
-                          init: str = "minerror") -> LSQConv2d:
+                          init: str = "minerror", weight_init: str | None = None) -> LSQConv2d:
         self.input_quantizer = LSQActQuantizer(a_bits, act_signed, init)
-        self.weight_quantizer = weight_quantizer(w_bits, self.out_channels, per_channel)
+        self.weight_quantizer = weight_quantizer(w_bits, self.out_channels, per_channel, weight_init)
         return self
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, w_bits: int = 8, a_bits: int = 8, per_channel: bool = True,
-                  act_signed: bool = True, init: str = "minerror") -> LSQConv2d:
+                  act_signed: bool = True, init: str = "minerror", weight_init: str | None = None) -> LSQConv2d:
         if conv.padding_mode != "zeros":
             raise RepqError(f"LSQConv2d supports zero padding only, got padding_mode={conv.padding_mode!r}: "
                             f"use a zero-padded conv")
@@ -258,7 +258,7 @@ class LSQConv2d(nn.Conv2d):
             new.weight.copy_(conv.weight)
             if conv.bias is not None:
                 new.bias.copy_(conv.bias)
-        return new.attach_quantizers(w_bits, a_bits, per_channel, act_signed, init)
+        return new.attach_quantizers(w_bits, a_bits, per_channel, act_signed, init, weight_init)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
@@ -269,7 +269,7 @@ class LSQLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, w_bits: int = 8, a_bits: int = 8, per_channel: bool = True,
-                    act_signed: bool = True, init: str = "minerror") -> LSQLinear:
+                    act_signed: bool = True, init: str = "minerror", weight_init: str | None = None) -> LSQLinear:
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
         new = new.to(device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
@@ -277,7 +277,7 @@ class LSQLinear(nn.Linear):
             if linear.bias is not None:
                 new.bias.copy_(linear.bias)
         new.input_quantizer = LSQActQuantizer(a_bits, act_signed, init)
-        new.weight_quantizer = weight_quantizer(w_bits, linear.out_features, per_channel)
+        new.weight_quantizer = weight_quantizer(w_bits, linear.out_features, per_channel, weight_init)
         return new
 
     def forward(self, x: Tensor) -> Tensor:
@@ -285,8 +285,8 @@ class LSQLinear(nn.Linear):
 
 
 def quantize_plain_layers(model: nn.Module, w_bits: int = 8, a_bits: int = 8, per_channel: bool = True,
-                          act_signed: bool = True, init: str = "minerror", skip: tuple[type, ...] = ()
-                          ) -> nn.Module:
+                          act_signed: bool = True, init: str = "minerror", skip: tuple[type, ...] = (),
+                          weight_init: str | None = None) -> nn.Module:
     """Replace every nn.Conv2d / nn.Linear (not already quantized, not inside a ``skip`` type) by its LSQ
     form, in place. This is the Plain/Merged baseline of RepQ's Table 1."""
 
@@ -294,7 +294,7 @@ def quantize_plain_layers(model: nn.Module, w_bits: int = 8, a_bits: int = 8, pe
         for name, child in module.named_children():
             if isinstance(child, (LSQConv2d, LSQLinear)) or (skip and isinstance(child, skip)):
                 continue
-            args = (w_bits, a_bits, per_channel, act_signed, init)
+            args = (w_bits, a_bits, per_channel, act_signed, init, weight_init)
             if type(child) is nn.Conv2d:
                 setattr(module, name, LSQConv2d.from_conv(child, *args))
             elif type(child) is nn.Linear:

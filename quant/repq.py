@@ -168,7 +168,7 @@ class RepQBlock(nn.Module):
 
     def __init__(self, block: nn.Module, mode: str = "bnest", w_bits: int = 8, a_bits: int = 8,
                  per_channel: bool = True, act_signed: bool = True, init: str = "minerror",
-                 stats_grad: bool = True, bnest_calibrate: bool = True):
+                 stats_grad: bool = True, bnest_calibrate: bool = True, weight_init: str | None = None):
         super().__init__()
         if mode not in MODES:
             raise RepqError(f"unknown RepQ mode {mode!r}: use one of {', '.join(MODES)}")
@@ -183,7 +183,7 @@ class RepQBlock(nn.Module):
         with torch.no_grad():
             out_channels = block.merged_kernel()[0].shape[0]
         self.input_quantizer = LSQActQuantizer(a_bits, act_signed, init)
-        self.weight_quantizer = weight_quantizer(w_bits, out_channels, per_channel)
+        self.weight_quantizer = weight_quantizer(w_bits, out_channels, per_channel, weight_init)
         self.last_batch_stats: dict[str, tuple[Tensor, Tensor]] = {}  # (mean, biased var), for inspection
         self.bnest_calibrate = mode == "bnest" and bnest_calibrate
         if self.bnest_calibrate:
@@ -323,30 +323,33 @@ def _first_last(model: nn.Module) -> set[str]:
 def wrap_model(model: nn.Module, mode: str = "bnest", w_bits: int = 8, a_bits: int = 8, *,
                per_channel: bool = True, act_signed: bool = True, init: str = "minerror",
                stats_grad: bool = True, quantize_plain: bool = True, first_last_bits: int | None = 8,
-               bnest_calibrate: bool = True) -> nn.Module:
+               bnest_calibrate: bool = True, weight_init: str | None = None) -> nn.Module:
     """Wrap every re-param block of ``model`` in a RepQ layer, in place, and return the model.
 
     ``quantize_plain``: the remaining nn.Conv2d / nn.Linear get LSQ too (the classifier head), so the deploy
     model is quantized end to end. ``first_last_bits``: the first and last quantized layers keep at least
     this many bits (LSQ's convention below 8 bits; None quantizes them like the rest). ``bnest_calibrate``:
     see the module docstring (False: the paper's BNEst estimator without the first-batch correction).
+    ``weight_init``: how the weight steps start ("minerror" or "max"; None: by bit width, see
+    quant.lsq.weight_quantizer); layers raised to ``first_last_bits`` keep that width's default.
     """
     if mode not in MODES:
         raise RepqError(f"unknown RepQ mode {mode!r}: use one of {', '.join(MODES)}")
     settings = dict(per_channel=per_channel, act_signed=act_signed, init=init)
     found = _wrap_children(model, dict(mode=mode, stats_grad=stats_grad, w_bits=w_bits, a_bits=a_bits,
-                                       bnest_calibrate=bnest_calibrate, **settings))
+                                       bnest_calibrate=bnest_calibrate, weight_init=weight_init, **settings))
     if not found:
         raise RepqError(f"{type(model).__name__} has no re-param blocks to wrap: use a re-param model (repq "
                         f"models lists them) or quant.lsq.quantize_plain_layers for plain convs")
     if quantize_plain:
-        quantize_plain_layers(model, w_bits, a_bits, skip=(RepQBlock,), **settings)
+        quantize_plain_layers(model, w_bits, a_bits, skip=(RepQBlock,), weight_init=weight_init, **settings)
     if first_last_bits is not None and min(w_bits, a_bits) < first_last_bits:
         _raise_bits(model, _first_last(model), first_last_bits, **settings)
     sign_first_input(model)
     model.repq_quant = {"method": "repq", "mode": mode, "w_bits": w_bits, "a_bits": a_bits,
                         "first_last_bits": first_last_bits, "stats_grad": stats_grad,
-                        "quantize_plain": quantize_plain, "bnest_calibrate": bnest_calibrate, **settings}
+                        "quantize_plain": quantize_plain, "bnest_calibrate": bnest_calibrate,
+                        "weight_init": weight_init, **settings}
     return model
 
 

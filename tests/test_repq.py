@@ -481,3 +481,20 @@ def test_bn_recalibration_leaves_frozen_statistics_alone():
     before = model.eval()(x)
     assert recalibrate_bn(model, [(x, None)] * 2, 2) == 0
     assert torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("method", ["bnest", "merged"])
+def test_weight_init_picks_the_weight_steps_start_and_first_last_layers_keep_their_default(method):
+    from pipeline.commands.finetune import quantized_model
+    from quant.repq import quantized_layers
+
+    def weight_inits(weight_init):
+        torch.manual_seed(0)
+        model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.25)
+        model = quantized_model(model, method, 4, 4, weight_init=weight_init)
+        return [(m.weight_quantizer.bits, m.weight_quantizer.init) for m in quantized_layers(model).values()]
+
+    default, minerror = weight_inits(None), weight_inits("minerror")
+    assert len(default) == 23  # stem, 21 body convs, head
+    assert default == [(8, "max")] + [(4, "max")] * 21 + [(8, "max")]  # max from 4 bits up
+    assert minerror == [(8, "max")] + [(4, "minerror")] * 21 + [(8, "max")]  # 8-bit first/last keep max

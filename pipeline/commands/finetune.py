@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="after fine-tuning, re-estimate BN running statistics over this many batches")
     parser.add_argument("--init", choices=INIT_METHODS, default="minerror",
                         help="activation step initialisation on the first batch")
+    parser.add_argument("--weight-init", choices=INIT_METHODS, default=None,
+                        help="weight step initialisation (default: max from 4 bits up, MinError below)")
     parser.add_argument("--val-size", type=float, default=5000, help="val split carved from train (count)")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
@@ -58,9 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def quantized_model(float_model: nn.Module, method: str, w_bits: int, a_bits: int, act_signed: bool = True,
-                    bnest_calibrate: bool = True, init: str = "minerror") -> nn.Module:
+                    bnest_calibrate: bool = True, init: str = "minerror", weight_init: str | None = None
+                    ) -> nn.Module:
     """The model to fine-tune: RepQ-wrapped blocks, or (merged) LSQ on the fused convs. ``init``: how the
-    activation steps start, on the first batch (quant.lsq.INIT_METHODS)."""
+    activation steps start, on the first batch (quant.lsq.INIT_METHODS); ``weight_init``: the weight steps
+    (None: by bit width, quant.lsq.weight_quantizer)."""
     from quant.lsq import quantize_plain_layers
     from quant.repq import raise_first_last_bits, sign_first_input, wrap_model
     from quant.toolkit import fold_batchnorm
@@ -74,14 +78,16 @@ def quantized_model(float_model: nn.Module, method: str, w_bits: int, a_bits: in
             raise RepqError("the fused model still has BatchNorm layers that torch.fx could not fold into their "
                             "convs (the model does not trace): LSQ on conv+BN pairs is not supported; fold "
                             "the BNs into the convs before fine-tuning")
-        model = quantize_plain_layers(fused, w_bits, a_bits, act_signed=act_signed, init=init)
+        model = quantize_plain_layers(fused, w_bits, a_bits, act_signed=act_signed, init=init,
+                                      weight_init=weight_init)
         if min(w_bits, a_bits) < 8:  # as wrap_model does: first and last layer keep 8 bits
             raise_first_last_bits(model, 8, act_signed=act_signed, init=init)
         sign_first_input(model)
-        model.repq_quant = {"method": "merged", "w_bits": w_bits, "a_bits": a_bits, "act_signed": act_signed}
+        model.repq_quant = {"method": "merged", "w_bits": w_bits, "a_bits": a_bits, "act_signed": act_signed,
+                            "weight_init": weight_init}
         return model
     return wrap_model(float_model, method, w_bits, a_bits, act_signed=act_signed, bnest_calibrate=bnest_calibrate,
-                      init=init)
+                      init=init, weight_init=weight_init)
 
 
 def rebuild(ckpt: dict) -> nn.Module:
@@ -229,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"float model: val top-1 {fp_top1:.2f}%")
     teacher = distillation_teacher(float_model, args.distill)
     model = quantized_model(float_model, args.method, args.w_bits, args.a_bits, not args.act_unsigned,
-                            init=args.init)
+                            init=args.init, weight_init=args.weight_init)
     losses = finetune(model, train_loader, args.epochs, args.lr, args.weight_decay,
                       label_smoothing=args.label_smoothing, teacher=teacher, distill=args.distill)
     recalibrate_bn(model, train_loader, args.recalibrate_bn)
