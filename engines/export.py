@@ -19,7 +19,9 @@ Placements
   A tensor produced by ReLU is quantized as uint8 with zero point 0 and the same scale amax/127: for a
   non-negative tensor that is the same grid as TensorRT's int8 (which only ever uses its codes 0..127 there),
   so it carries the same information, and ORT then drops the ReLU into the QLinearConv (its ReluQuantFusion
-  needs a zero point at the type's minimum). Values above amax saturate at 255 * scale instead of amax.
+  needs a zero point at the type's minimum). An integer Clip to codes 0..127 between that Q and its DQ keeps
+  int8's saturation at amax (without it values above amax would run to 255 steps, which the fake-quant model
+  never saw); ORT still fuses QLinearConv around it.
   Symmetric int8 activations are TensorRT's constraint, not ORT's, so this is legitimate for the ORT file
   only.
 """
@@ -184,6 +186,7 @@ class QDQEditor:
         self.qdq_cache: dict[tuple, str] = {}
         self.dq_scale: dict[str, float] = {}  # DQ output -> its scale
         self.shifted_signed = False  # signed tensors as uint8 with zero point 128 (ORT placement)
+        self.code_range: tuple[str, str] | None = None  # uint8 constants 0 and 127, made once
         self.count = 0
         self._index()
 
@@ -223,9 +226,17 @@ class QDQEditor:
             scale = self._const(f"{tensor}_scale", np.array(_safe(amax) / levels, dtype=np.float32))
             zero = self._const(f"{tensor}_zero", _zero_point(unsigned, self.shifted_signed))
             quant = self._node("QuantizeLinear", [tensor, scale, zero], tensor)
+            if unsigned:  # keep int8's top code: uint8 alone would let values above amax run to 255 steps
+                quant = self._node("Clip", [quant, *self._uint8_int8_range()], tensor)
             self.qdq_cache[key] = self._node("DequantizeLinear", [quant, scale, zero], tensor)
             self.dq_scale[self.qdq_cache[key]] = float(np.float32(_safe(amax) / levels))
         return self.qdq_cache[key]
+
+    def _uint8_int8_range(self) -> tuple[str, str]:
+        if self.code_range is None:
+            self.code_range = (self._const("int8_grid_min", np.array(0, dtype=np.uint8)),
+                               self._const("int8_grid_max", np.array(127, dtype=np.uint8)))
+        return self.code_range
 
     def weight_qdq(self, node, amax: np.ndarray, prequantize: bool) -> np.ndarray:
         """Per-channel (axis 0) Q/DQ of the node's weight; returns the weight scales."""

@@ -189,3 +189,32 @@ def test_bad_export_requests(quantized, tmp_path):
     with pytest.raises(RepqError, match="did you mean 'tensorrt'"):
         export_onnx(quantized, tmp_path / "x.onnx", "tensort", (1, 3, 32, 32))
     assert not list(tmp_path.iterdir())
+
+
+
+def test_onnxruntime_file_saturates_relu_outputs_at_amax_as_the_int8_model_does(tmp_path):
+    """uint8 after a ReLU has codes up to 255, int8 stops at 127: values above the consumer's amax must
+    saturate at amax in the ORT file as in the int8 model, with the QLinearConv kernel kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 4)).eval()
+    h_amax = 0.2
+    specs = {"0": LayerQuant(2.0, np.full(4, 0.3)), "2": LayerQuant(h_amax, np.full(3, 0.05))}
+    path = export_onnx(model, tmp_path / "sat.onnx", "onnxruntime", (2, 3, 6, 6), specs=specs)
+    assert optimized_op_types(path)["QLinearConv"] == 1
+    x = torch.randn(2, 3, 6, 6) * 1.5
+
+    def fq(t, amax, top=127):
+        scale = torch.as_tensor(amax, dtype=torch.float32) / 127
+        return torch.clamp(torch.round(t / scale), -128, top) * scale
+
+    def second_conv(h_quantized):
+        return nn.functional.conv2d(h_quantized, fq(model[2].weight, 0.05), model[2].bias)
+
+    with torch.no_grad():
+        h = torch.relu(nn.functional.conv2d(fq(x, 2.0), fq(model[0].weight, 0.3), model[0].bias))
+        expected, uint8_range = second_conv(fq(h, h_amax)), second_conv(fq(h, h_amax, top=255))
+    assert (h > 1.2 * h_amax).float().mean() > 0.2  # the premise: many values far above amax
+    got = torch.as_tensor(OrtEngine(path, threads=1)(x.numpy()))
+    one_code = h_amax / 127 * 0.05 * 16  # one input code changed in every tap of an output
+    assert (got - expected).abs().max() <= one_code
+    assert (uint8_range - expected).abs().max() > 20 * one_code  # what the file computed before the Clip
