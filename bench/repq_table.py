@@ -6,6 +6,8 @@ PyTorch model and, for 8-bit, of the exported QDQ file in ONNX Runtime. It also 
 variance estimate (equation 6) matches the exact batch variance on real activations (not asserted anywhere).
 
     python bench/repq_table.py --checkpoint runs/cifar/best.pt --epochs 0.5 --out /tmp/repq_table
+    python bench/repq_table.py --checkpoint runs/cifar/best.pt --methods bnest --bits 4 --epochs 0 \
+        --start-from /tmp/repq_table/bnest_w4.pt --recalibrate-bn 100 --out /tmp/recal   # re-score a saved row
 """
 
 from __future__ import annotations
@@ -105,11 +107,14 @@ def main() -> None:
                              "BN recalibration): what the extra training alone does, apart from quantization")
     parser.add_argument("--start-from", metavar="STATE",
                         help="one row only: load this fine-tuned state (a previous run's METHOD_wBITS.pt, same method "
-                             "and bits) before fine-tuning, to extend a run with a fresh schedule")
+                             "and bits) before fine-tuning, to extend a run with a fresh schedule; with --epochs 0, "
+                             "score it as saved (after --recalibrate-bn N if given)")
     parser.add_argument("--out", default="/tmp/repq_table")
     args = parser.parse_args()
     if args.start_from and (len([m for m in args.methods.split(",") if m]) != 1 or "," in args.bits):
         parser.error("--start-from continues one row: pass one method in --methods and one width in --bits")
+    if (args.steps == 0 or args.epochs == 0) and not args.start_from:
+        parser.error("no fine-tuning steps: that scores steps set on a val batch; pass --start-from a saved row")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +122,7 @@ def main() -> None:
     train_loader, val_loader = build_loaders(data, args.batch_size, seed=args.seed)
     if args.val_images:
         val_loader = _first(val_loader, args.val_images)
-    epochs = args.steps / len(train_loader) if args.steps else args.epochs
+    epochs = args.steps / len(train_loader) if args.steps is not None else args.epochs
     ctx = init_distributed("cpu")
     fp_model, _ = load_model_checkpoint(args.checkpoint)
     fp_top1 = evaluate(copy.deepcopy(fp_model), val_loader, ctx)["top1"]
@@ -166,9 +171,11 @@ def main() -> None:
 
 def finetune_and_score(model, teacher, lr: float, epochs: float, train_loader, val_loader, ctx, args,
                        tag: str = "") -> tuple[int, float]:
-    """One row's budget: fine-tune, recalibrate BN, then (steps taken, val top-1)."""
-    losses = finetune(model, train_loader, epochs, lr, log=lambda s: print(f"  {tag}{s}", flush=True),
-                      label_smoothing=args.label_smoothing, teacher=teacher, distill=args.distill)
+    """One row's budget: fine-tune, recalibrate BN, then (steps taken, val top-1). ``epochs`` 0 (with
+    --start-from): score the loaded state as it is, after the BN recalibration if one is asked for."""
+    losses = [] if epochs == 0 else finetune(
+        model, train_loader, epochs, lr, log=lambda s: print(f"  {tag}{s}", flush=True),
+        label_smoothing=args.label_smoothing, teacher=teacher, distill=args.distill)
     recalibrate_bn(model, train_loader, args.recalibrate_bn)
     return len(losses), evaluate(model, val_loader, ctx)["top1"]
 

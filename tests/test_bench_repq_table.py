@@ -47,3 +47,10 @@ def test_a_truncated_state_is_a_one_line_error_naming_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(SystemExit, match="cannot start from .*bnest_w4.pt"):
         repq_table.load_state(_wrapped(), str(path))
+
+
+def test_zero_steps_needs_a_saved_row(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["repq_table.py", "--checkpoint", "x.pt", "--epochs", "0"])
+    with pytest.raises(SystemExit):
+        repq_table.main()
+    assert "pass --start-from a saved row" in capsys.readouterr().err
