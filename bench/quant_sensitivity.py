@@ -32,6 +32,7 @@ from pipeline.distributed import init_distributed  # noqa: E402
 from pipeline.train import evaluate, load_model_checkpoint  # noqa: E402
 from quant.lsq import LSQQuantizer, weight_quantizer  # noqa: E402
 from reparam import fuse_model  # noqa: E402
+from reparam.io import atomic_write_json  # noqa: E402
 
 
 @torch.no_grad()
@@ -96,7 +97,7 @@ def main() -> None:
               f"{row['off_centre_peak_over_peak']:.2f}  rounding error/rms {row['rounding_error_over_rms']:.4f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ from pipeline.distributed import init_distributed  # noqa: E402
 from pipeline.train import evaluate, load_model_checkpoint  # noqa: E402
 from quant.lsq import INIT_METHODS  # noqa: E402
 from quant.repq import RepQBlock, conv_batch_stats, estimated_stats, wrap_model  # noqa: E402
-from reparam.io import atomic_save  # noqa: E402
+from reparam.errors import RepqError  # noqa: E402
+from reparam.io import atomic_save, atomic_write_json, atomic_write_text, load_checkpoint  # noqa: E402
 
 LABELS = {"plain": "Plain", "merged": "Merged", "bn": "RepQ-BN", "bnest": "RepQ-BNEst", "repq": "RepQ"}
 
@@ -138,7 +139,7 @@ def main() -> None:
         results["fp32_finetuned_top1"] = float_control(fp_model, train_loader, val_loader, ctx, epochs, args)
         print(f"FP32 fine-tuned with the same budget (no quantizers): {results['fp32_finetuned_top1']:.2f}%",
               flush=True)
-        (out / "table.json").write_text(json.dumps(results, indent=2))
+        atomic_write_json(out / "table.json", results)
     sources = {m: fp_model for m in args.methods.split(",") if m}
     if args.plain_checkpoint:
         sources["plain"] = load_model_checkpoint(args.plain_checkpoint)[0]
@@ -164,9 +165,9 @@ def main() -> None:
                 row["ort_top1"] = OrtEngine(path).evaluate(val_loader)["top1"]
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
-            (out / "table.json").write_text(json.dumps(results, indent=2))
+            atomic_write_json(out / "table.json", results)
     print(markdown(results))
-    (out / "table.md").write_text(markdown(results))
+    atomic_write_text(out / "table.md", markdown(results))
 
 
 def finetune_and_score(model, teacher, lr: float, epochs: float, train_loader, val_loader, ctx, args,
@@ -191,10 +192,12 @@ def float_control(fp_model, train_loader, val_loader, ctx, epochs: float, args) 
 def load_state(model: torch.nn.Module, path: str) -> None:
     """Load a previous row's fine-tuned state (its steps count as initialised, so none is re-measured)."""
     try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError, EOFError) as error:
-        first_line = str(error).splitlines()[0]
-        raise SystemExit(f"cannot start from {path}: {first_line}; pass the METHOD_wBITS.pt that repq_table wrote "
+        model.load_state_dict(load_checkpoint(path))
+    except RepqError as error:  # missing, truncated or not a state dict
+        raise SystemExit(f"cannot start from {path}: {error}") from None
+    except RuntimeError as error:  # another model, method or bit width
+        detail = " ".join(str(error).split())[:160]  # torch's message spans lines; keep one
+        raise SystemExit(f"cannot start from {path}: {detail}...; pass the METHOD_wBITS.pt that repq_table wrote "
                          f"for this checkpoint, method and bit width") from None
 
 

@@ -162,6 +162,11 @@ def test_residual_input_of_add_is_quantized_with_the_shortcut_range(digits, tmp_
     assert float(inits[dq.input[1]]) == pytest.approx(shortcut_amax / 127, rel=1e-6)
 
 
+def fake_quant(t: torch.Tensor, amax, top: int = 127) -> torch.Tensor:
+    """Symmetric int8 by hand: scale amax / 127, codes -128..top."""
+    scale = torch.as_tensor(amax, dtype=torch.float32) / 127
+    return torch.clamp(torch.round(t / scale), -128, top) * scale
+
 def test_ranges_given_as_plain_values_export_the_hand_computed_int8_model(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
@@ -170,13 +175,9 @@ def test_ranges_given_as_plain_values_export_the_hand_computed_int8_model(tmp_pa
     path = export_onnx(model, tmp_path / "spec.onnx", "tensorrt", (2, 3, 6, 6), specs=specs)
     x = torch.randn(2, 3, 6, 6) * 1.5
 
-    def fq(t, amax):
-        scale = torch.as_tensor(amax, dtype=torch.float32) / 127
-        return torch.clamp(torch.round(t / scale), -128, 127) * scale
-
     with torch.no_grad():
-        h = torch.relu(nn.functional.conv2d(fq(x, 2.0), fq(model[0].weight, 0.3), model[0].bias))
-        expected = nn.functional.linear(fq(h.flatten(1), 1.0), fq(model[3].weight, 0.05), model[3].bias)
+        h = torch.relu(nn.functional.conv2d(fake_quant(x, 2.0), fake_quant(model[0].weight, 0.3), model[0].bias))
+        expected = nn.functional.linear(fake_quant(h.flatten(1), 1.0), fake_quant(model[3].weight, 0.05), model[3].bias)
     got = OrtEngine(path, threads=1)(x.numpy())
     assert np.abs(got - expected.numpy()).max() <= 1e-4 * expected.abs().max().item()
 
@@ -203,16 +204,12 @@ def test_onnxruntime_file_saturates_relu_outputs_at_amax_as_the_int8_model_does(
     assert optimized_op_types(path)["QLinearConv"] == 1
     x = torch.randn(2, 3, 6, 6) * 1.5
 
-    def fq(t, amax, top=127):
-        scale = torch.as_tensor(amax, dtype=torch.float32) / 127
-        return torch.clamp(torch.round(t / scale), -128, top) * scale
-
     def second_conv(h_quantized):
-        return nn.functional.conv2d(h_quantized, fq(model[2].weight, 0.05), model[2].bias)
+        return nn.functional.conv2d(h_quantized, fake_quant(model[2].weight, 0.05), model[2].bias)
 
     with torch.no_grad():
-        h = torch.relu(nn.functional.conv2d(fq(x, 2.0), fq(model[0].weight, 0.3), model[0].bias))
-        expected, uint8_range = second_conv(fq(h, h_amax)), second_conv(fq(h, h_amax, top=255))
+        h = torch.relu(nn.functional.conv2d(fake_quant(x, 2.0), fake_quant(model[0].weight, 0.3), model[0].bias))
+        expected, uint8_range = second_conv(fake_quant(h, h_amax)), second_conv(fake_quant(h, h_amax, top=255))
     assert (h > 1.2 * h_amax).float().mean() > 0.2  # the premise: many values far above amax
     got = torch.as_tensor(OrtEngine(path, threads=1)(x.numpy()))
     one_code = h_amax / 127 * 0.05 * 16  # one input code changed in every tap of an output
