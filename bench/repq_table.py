@@ -96,6 +96,9 @@ def main() -> None:
                         "the validation split stays fixed")
     parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="BATCHES",
                         help="re-estimate BN running statistics over this many batches after fine-tuning")
+    parser.add_argument("--freeze-bn-at", type=float, default=None, metavar="SHARE",
+                        help="recalibrate (--recalibrate-bn) and freeze BN statistics after this share of the "
+                             "steps: the last steps train the deploy kernel itself")
     parser.add_argument("--distill", type=float, default=0.0, help="weight of the loss against the FP model")
     parser.add_argument("--init", choices=INIT_METHODS, default="minerror",
                         help="activation step initialisation on the first batch")
@@ -131,7 +134,7 @@ def main() -> None:
     results = {"fp32_top1": fp_top1, "checkpoint": args.checkpoint, "epochs": epochs, "lr": args.lr,
                "label_smoothing": args.label_smoothing, "init": args.init, "weight_init": args.weight_init,
                "distill": args.distill, "seed": args.seed,
-               "recalibrate_bn": args.recalibrate_bn,
+               "recalibrate_bn": args.recalibrate_bn, "freeze_bn_at": args.freeze_bn_at,
                "val_images": args.val_images or 5000,
                "bnest_variance": bnest_variance_report(fp_model, images), "rows": []}
     print(f"FP32 {fp_top1:.2f}%  BNEst on real activations: {results['bnest_variance']}", flush=True)
@@ -174,10 +177,12 @@ def finetune_and_score(model, teacher, lr: float, epochs: float, train_loader, v
                        tag: str = "") -> tuple[int, float]:
     """One row's budget: fine-tune, recalibrate BN, then (steps taken, val top-1). ``epochs`` 0 (with
     --start-from): score the loaded state as it is, after the BN recalibration if one is asked for."""
-    losses = [] if epochs == 0 else finetune(
-        model, train_loader, epochs, lr, log=lambda s: print(f"  {tag}{s}", flush=True),
-        label_smoothing=args.label_smoothing, teacher=teacher, distill=args.distill)
-    recalibrate_bn(model, train_loader, args.recalibrate_bn)
+    if epochs == 0:
+        recalibrate_bn(model, train_loader, args.recalibrate_bn)
+        return 0, evaluate(model, val_loader, ctx)["top1"]
+    losses = finetune(model, train_loader, epochs, lr, log=lambda s: print(f"  {tag}{s}", flush=True),
+                      label_smoothing=args.label_smoothing, teacher=teacher, distill=args.distill,
+                      recalibrate_batches=args.recalibrate_bn, freeze_bn_at=args.freeze_bn_at)
     return len(losses), evaluate(model, val_loader, ctx)["top1"]
 
 

@@ -22,6 +22,8 @@ its BNs as a conv of the block input (``bn_taps()``); the wrapper computes
   mean + (exact - estimated mean), var * (exact / estimated var). ``bnest_calibrate=False`` is the paper's
   estimator as is.
 In eval all modes use the running statistics, so ``fuse()`` gives a conv whose weight is exactly Q(M(W)).
+``freeze_bn_statistics`` makes training use them too, for the last steps of a fine-tune: the kernel trained is
+then the deploy kernel itself, not one merged with the batch mean.
 
 The batch mean carries a gradient, as in BatchNorm (``stats_grad=True``, the default): without it the weights
 drift against a mean that each step re-centres, and training diverges within a few steps. RepQ-BN takes the
@@ -180,6 +182,7 @@ class RepQBlock(nn.Module):
                             f"training-form model (from its training checkpoint)")
         self.block = block
         self.mode, self.stats_grad = mode, stats_grad
+        self.frozen_stats = False  # freeze_bn_statistics: train through the running statistics, as in eval
         with torch.no_grad():
             out_channels = block.merged_kernel()[0].shape[0]
         self.input_quantizer = LSQActQuantizer(a_bits, act_signed, init)
@@ -199,7 +202,7 @@ class RepQBlock(nn.Module):
                         **self.block.conv_kwargs())
 
     def _stats(self, x: Tensor) -> Stats | None:
-        if not self.training or self.mode == "repq":
+        if not self.training or self.mode == "repq" or self.frozen_stats:
             return None
         taps = self.block.bn_taps()
         if not taps:
@@ -391,6 +394,22 @@ def sign_first_input(model: nn.Module) -> nn.Module:
         old = layers[0].input_quantizer
         layers[0].input_quantizer = LSQActQuantizer(old.bits, True, old.init)
     return model
+
+
+def freeze_bn_statistics(model: nn.Module) -> int:
+    """From now on, train through the running BN statistics: RepQ blocks merge with them in training as in
+    eval (no batch statistics, no running update), so the kernel each step quantizes is the deploy kernel
+    itself; BNs outside RepQ blocks switch to eval mode (a later ``model.train()`` undoes only that part).
+    Returns the number of RepQ blocks frozen."""
+    blocks = [m for m in model.modules() if isinstance(m, RepQBlock)]
+    is_bn = lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm)  # noqa: E731
+    inside = {id(bn) for block in blocks for bn in block.modules() if is_bn(bn)}
+    for block in blocks:
+        block.frozen_stats = True
+    for module in model.modules():
+        if is_bn(module) and id(module) not in inside:
+            module.eval()
+    return len(blocks)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

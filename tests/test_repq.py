@@ -483,6 +483,56 @@ def test_bn_recalibration_leaves_frozen_statistics_alone():
     assert torch.equal(model(x), before)
 
 
+@pytest.mark.parametrize("mode", ["bn", "bnest"])
+def test_freezing_bn_makes_the_last_steps_train_the_deploy_kernel(mode):
+    """finetune(freeze_bn_at=0.5) over 4 steps: recalibration over 2 batches after step 2, then the running
+    statistics stay as recalibrated, a training forward equals the eval forward (the fused deploy model), and
+    the steps still move every branch weight, BN affine parameter and quantizer step."""
+    from pipeline.commands.finetune import finetune
+
+    torch.manual_seed(0)
+    model = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125), mode, 4, 4)
+    images, labels = torch.randn(16, 3, 16, 16) * 2 + 0.5, torch.randint(0, 10, (16,))
+    batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=8)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    snapshots = []
+
+    def log(message):
+        if "frozen" in message:
+            snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            snapshots.append([(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns])
+
+    assert len(finetune(model, batches, epochs=2, lr=0.05, log=log, recalibrate_batches=2, freeze_bn_at=0.5)) == 4
+    params, stats = snapshots
+    assert all(int(bn.num_batches_tracked) == 2 for bn in bns)  # the recalibration's 2 batches, then no update
+    for bn, (mean, var) in zip(bns, stats, strict=True):
+        assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, params[n])}
+    for kind in ("rbr_dense.conv.weight", "rbr_1x1.conv.weight", "bn.weight", "bn.bias", "quantizer.step"):
+        assert any(n.endswith(kind) for n in moved), kind
+    x = images[:8]
+    with torch.no_grad():
+        trained = model.train()(x)
+        assert torch.allclose(trained, model.eval()(x), atol=1e-6)
+        assert torch.allclose(trained, fuse_model(copy.deepcopy(model))(x), atol=1e-4)
+    with pytest.raises(RepqError, match="freeze-bn-at"):
+        finetune(model, batches, epochs=1, lr=0.05, log=log, freeze_bn_at=1.0)
+
+
+def test_training_forward_differs_from_eval_until_bn_is_frozen():
+    """The control for the test above: RepQ-BNEst in training merges with batch statistics."""
+    from quant.repq import freeze_bn_statistics
+
+    torch.manual_seed(0)
+    model = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125), "bnest", 4, 4)
+    x = torch.randn(8, 3, 16, 16) * 2 + 0.5
+    with torch.no_grad():
+        model.train()(x)  # steps and BNEst's correction set on this batch
+        assert not torch.allclose(model.train()(x), model.eval()(x), atol=1e-3)
+        assert freeze_bn_statistics(model) == sum(isinstance(m, RepQBlock) for m in model.modules())
+        assert torch.equal(model.train()(x), model.eval()(x))
+
+
 @pytest.mark.parametrize("method", ["bnest", "merged"])
 def test_weight_init_picks_the_weight_steps_start_and_first_last_layers_keep_their_default(method):
     from pipeline.commands.finetune import quantized_model

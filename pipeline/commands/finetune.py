@@ -45,7 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distill", type=float, default=0.0,
                         help="weight in [0, 1] of the loss against the FP model's outputs (knowledge distillation)")
     parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="BATCHES",
-                        help="after fine-tuning, re-estimate BN running statistics over this many batches")
+                        help="after fine-tuning (or at --freeze-bn-at), re-estimate BN running statistics over "
+                             "this many batches")
+    parser.add_argument("--freeze-bn-at", type=float, default=None, metavar="SHARE",
+                        help="after this share of the steps (0-1), recalibrate and freeze BN statistics: the "
+                             "last steps train the deploy kernel itself")
     parser.add_argument("--init", choices=INIT_METHODS, default="minerror",
                         help="activation step initialisation on the first batch")
     parser.add_argument("--weight-init", choices=INIT_METHODS, default=None,
@@ -123,8 +127,14 @@ def export_quantized(model: nn.Module, path: str | Path, target: str = "tensorrt
 
 def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_decay: float = 0.0,
              log=print, label_smoothing: float = 0.0, teacher: nn.Module | None = None,
-             distill: float = 0.0) -> list[float]:
+             distill: float = 0.0, recalibrate_batches: int = 0, freeze_bn_at: float | None = None
+             ) -> list[float]:
     """SGD (momentum 0.9, cosine to 0) over ``epochs`` of ``train_loader``; returns the per-step losses.
+
+    BN statistics: by default they are re-estimated over ``recalibrate_batches`` batches after the last step
+    (recalibrate_bn). With ``freeze_bn_at`` f in [0, 1), that happens after a share f of the steps instead, and
+    the statistics then stay frozen (quant.repq.freeze_bn_statistics): the remaining steps train the deploy
+    kernel itself, so nothing the deployed model computes changes after the weights last moved.
 
     ``teacher`` (the full-precision model) and ``distill`` in [0, 1]: the loss mixes the label loss with the
     cross-entropy against the teacher's softmax, ``(1 - distill) * CE(labels) + distill * CE(teacher)``
@@ -136,6 +146,10 @@ def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_de
     from pipeline.train import warmup_cosine
 
     total = max(1, int(math.ceil(epochs * len(train_loader))))
+    if freeze_bn_at is not None and not 0.0 <= freeze_bn_at < 1.0:
+        raise RepqError(f"--freeze-bn-at {freeze_bn_at} is outside [0, 1): it is the share of the steps "
+                        f"after which BN statistics freeze")
+    freeze_step = None if freeze_bn_at is None else min(int(freeze_bn_at * total), total - 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, 0, 0.0))
     losses: list[float] = []
@@ -144,6 +158,8 @@ def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_de
     while len(losses) < total:
         set_loader_epoch(train_loader, epoch)
         for images, labels in train_loader:
+            if len(losses) == freeze_step:
+                _freeze_bn(model, train_loader, recalibrate_batches, log)
             loss = _loss(model(images), images, labels, label_smoothing, teacher, distill)
             if not torch.isfinite(loss):
                 raise RepqError(f"fine-tuning loss became {loss.item()} at step {len(losses)}: lower --lr")
@@ -158,7 +174,18 @@ def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_de
             if len(losses) >= total:
                 break
         epoch += 1
+    if freeze_step is None:
+        recalibrate_bn(model, train_loader, recalibrate_batches)
     return losses
+
+
+def _freeze_bn(model: nn.Module, train_loader, recalibrate_batches: int, log) -> None:
+    from quant.repq import freeze_bn_statistics
+
+    recalibrated = recalibrate_bn(model, train_loader, recalibrate_batches)
+    frozen = freeze_bn_statistics(model)
+    log(f"BN statistics frozen ({frozen} RepQ blocks; {recalibrated} BNs re-estimated over "
+        f"{recalibrate_batches} batches first)")
 
 
 @torch.no_grad()
@@ -237,11 +264,11 @@ def run(args: argparse.Namespace) -> int:
     model = quantized_model(float_model, args.method, args.w_bits, args.a_bits, not args.act_unsigned,
                             init=args.init, weight_init=args.weight_init)
     losses = finetune(model, train_loader, args.epochs, args.lr, args.weight_decay,
-                      label_smoothing=args.label_smoothing, teacher=teacher, distill=args.distill)
-    recalibrate_bn(model, train_loader, args.recalibrate_bn)
+                      label_smoothing=args.label_smoothing, teacher=teacher, distill=args.distill,
+                      recalibrate_batches=args.recalibrate_bn, freeze_bn_at=args.freeze_bn_at)
     metrics = {"method": args.method, "w_bits": args.w_bits, "a_bits": args.a_bits,
                "act_signed": not args.act_unsigned, "distill": args.distill,
-               "recalibrate_bn": args.recalibrate_bn, "fp32_top1": fp_top1,
+               "recalibrate_bn": args.recalibrate_bn, "freeze_bn_at": args.freeze_bn_at, "fp32_top1": fp_top1,
                "steps": len(losses),
                "final_loss": sum(losses[-20:]) / len(losses[-20:]),
                "fake_quant_top1": evaluate(model, val_loader, ctx)["top1"]}
