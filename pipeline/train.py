@@ -147,6 +147,13 @@ def load_model_checkpoint(path: str | Path, expect_arch: str | None = None) -> t
     return model, ckpt
 
 
+def trained_split(ckpt: dict) -> dict:
+    """The val split a checkpoint's model was trained with (``load_data``'s val_size and seed), so later stages
+    score it on images it never trained on."""
+    settings = ckpt.get("settings", {})
+    return {"val_size": settings.get("val_size", 0.1), "seed": settings.get("split_seed", 0)}
+
+
 def _load_weights(model: nn.Module, state_dict: dict, path) -> None:
     try:
         model.load_state_dict(state_dict)

@@ -238,3 +238,29 @@ def test_eval_super_resolution_psnr_matches_a_direct_computation(tmp_path, capsy
     result = json.loads(capsys.readouterr().out)
     assert result["task"] == "super_resolution" and result["scale"] == 2 and result["images"] == 2
     assert result["psnr"] == pytest.approx(np.mean(expected), abs=1e-3)
+
+
+def test_finetune_scores_on_the_checkpoints_own_val_split(tmp_path):
+    """`repq finetune` without --val-size evaluates on the split the checkpoint trained with (digits: its val
+    share and split seed), not on a fixed count that the default data may not even have."""
+    torch = pytest.importorskip("torch")
+    from calibration.datasets import load_data
+    from calibration.loaders import build_loaders
+    from reparam import create_model
+    from reparam.io import atomic_save
+
+    torch.manual_seed(0)
+    model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125).eval()
+    checkpoint = tmp_path / "best.pt"
+    atomic_save({"arch": model.repq_arch, "state_dict": model.state_dict(),
+                 "settings": {"val_size": 0.2, "split_seed": 3}}, checkpoint)
+    _, val = build_loaders(load_data("digits", val_size=0.2, seed=3), 64)
+    with torch.no_grad():
+        hits = [(model(x).argmax(1) == y).sum().item() for x, y in val]
+    expected = 100.0 * sum(hits) / len(val.dataset)
+    out = tmp_path / "ft"
+    assert call("finetune", ["--checkpoint", str(checkpoint), "--out", str(out), "--epochs", "0.05",
+                             "--no-export"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fp32_top1"] == pytest.approx(expected, abs=1e-6)
+    assert len(val.dataset) == 359  # 20% of digits' 1,797 images, rounded

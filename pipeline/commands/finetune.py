@@ -54,8 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="activation step initialisation on the first batch")
     parser.add_argument("--weight-init", choices=INIT_METHODS, default=None,
                         help="weight step initialisation (default: max from 4 bits up, MinError below)")
-    parser.add_argument("--val-size", type=float, default=5000, help="val split carved from train (count)")
-    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--val-size", type=float, default=None,
+                        help="val split carved from train (count or fraction; default: the checkpoint's training "
+                             "split, so the model is scored on images it never trained on)")
+    parser.add_argument("--split-seed", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export and ORT evaluation")
 
@@ -249,13 +251,15 @@ def run(args: argparse.Namespace) -> int:
     from calibration.loaders import build_loaders
     from engines.onnxruntime import OrtEngine
     from pipeline.distributed import init_distributed
-    from pipeline.train import evaluate, load_model_checkpoint
+    from pipeline.train import evaluate, load_model_checkpoint, trained_split
     from reparam.io import atomic_save, atomic_write_json
 
     out = Path(args.out)
     torch.manual_seed(args.seed)
     float_model, ckpt = load_model_checkpoint(args.checkpoint)
-    data = load_data(args.data, val_size=args.val_size, seed=args.split_seed)
+    split = trained_split(ckpt)
+    data = load_data(args.data, val_size=split["val_size"] if args.val_size is None else args.val_size,
+                     seed=split["seed"] if args.split_seed is None else args.split_seed)
     train_loader, val_loader = build_loaders(data, args.batch_size, seed=args.seed)
     ctx = init_distributed("cpu")
     fp_top1 = evaluate(copy.deepcopy(float_model), val_loader, ctx)["top1"]

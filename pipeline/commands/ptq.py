@@ -22,12 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from calibration.datasets import load_data
     from calibration.loaders import calibration_loader
-    from pipeline.train import load_model_checkpoint
+    from pipeline.train import load_model_checkpoint, trained_split
     from quant.toolkit import quantize, quantized_layers, save_quantized
 
     model, ckpt = load_model_checkpoint(args.ckpt)
-    trained = ckpt.get("settings", {})
-    data = load_data(args.data, val_size=trained.get("val_size", 0.1), seed=trained.get("split_seed", 0))
+    data = load_data(args.data, **trained_split(ckpt))
     loader = calibration_loader(data, args.calib_images)
     q = quantize(model.eval(), loader, args.method, args.percentile, fuse=not args.no_fuse, skip_layers=args.skip)
     save_quantized(q, args.out, {"data": data.describe(), "source": str(args.ckpt)})
