@@ -135,6 +135,11 @@ class RepQSettings(StageSettings):
     epochs: float = Field(3, gt=0, description="may be fractional")
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(128, ge=1)
+    distill: float = Field(0.0, ge=0, le=1, description="weight of the loss against the FP model's outputs")
+    recalibrate_bn: int = Field(0, ge=0, description="batches to re-estimate BN statistics over, after training "
+                                                      "or at freeze_bn_at")
+    freeze_bn_at: float | None = Field(None, ge=0, lt=1, description="share of the steps after which BN "
+                                                                      "statistics are recalibrated and frozen")
 
     @field_validator("bits")
     @classmethod

@@ -191,7 +191,7 @@ def qat_stage(ctx: StageContext):
 def repq_stage(ctx: StageContext):
     """RepQ fine-tuning through each block's merged kernel, per mode and bit width (RepQ paper)."""
     from calibration.loaders import build_loaders
-    from pipeline.commands.finetune import FORMAT, finetune, quantized_model
+    from pipeline.commands.finetune import FORMAT, distillation_teacher, finetune, quantized_model
     from pipeline.train import load_model_checkpoint
     from reparam.io import atomic_save
 
@@ -199,13 +199,16 @@ def repq_stage(ctx: StageContext):
     label, path, trained = _last_checkpoint(ctx)
     float_model, _ = load_model_checkpoint(path)
     train_loader, val = build_loaders(data, min(s.batch_size, len(data.train)), seed=ctx.recipe.seed)
+    teacher = distillation_teacher(float_model, s.distill)
     artifacts, ladder = {}, []
     for mode in s.modes:
         for bits in s.bits:
             torch.manual_seed(ctx.recipe.seed)
             method = f"{label} RepQ-{mode} W{bits}A{bits}"
             model = quantized_model(copy.deepcopy(float_model), mode, bits, bits)
-            finetune(model, train_loader, s.epochs, s.lr, log=lambda line, m=method: ctx.log(f"  {m}: {line}"))
+            finetune(model, train_loader, s.epochs, s.lr, log=lambda line, m=method: ctx.log(f"  {m}: {line}"),
+                     teacher=teacher, distill=s.distill, recalibrate_batches=s.recalibrate_bn,
+                     freeze_bn_at=s.freeze_bn_at)
             file = f"{_slug(method)}.pt"
             atomic_save({"format": FORMAT, "arch": float_model.repq_arch, "quant": model.repq_quant,
                          "state_dict": model.state_dict(), "data": data.describe()}, ctx.path(file))

@@ -12,7 +12,8 @@ import pytest
 TINY = ["model.width_mult=0.125", "stages.train.epochs=2", "stages.train.max_steps_per_epoch=20",
         "stages.train.warmup_epochs=0", "stages.train.batch_size=64", "stages.substitute.epochs=1",
         "stages.ptq.calibrators=['max']", "stages.ptq.calib_size=64", "stages.repq.modes=['bnest']",
-        "stages.repq.epochs=0.05", "stages.repq.batch_size=64", "stages.bench.batch_sizes=[1,4]",
+        "stages.repq.epochs=0.05", "stages.repq.batch_size=64", "stages.repq.distill=0.5",
+        "stages.repq.recalibrate_bn=2", "stages.repq.freeze_bn_at=0.5", "stages.bench.batch_sizes=[1,4]",
         "stages.bench.warmup=1", "stages.bench.iters=3"]
 
 
@@ -26,6 +27,7 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     done = repq_run(out)
     assert done.returncode == 0, done.stderr[-3000:]
+    (out.parent / f"{out.name}.log").write_text(done.stdout + done.stderr)
     return out
 
 
@@ -34,6 +36,11 @@ def test_every_stage_runs_and_the_report_is_written(run_dir):
         assert (run_dir / stage / "manifest.json").is_file(), stage
     for name in ("report.md", "report.html", "metrics.json"):
         assert (run_dir / name).is_file()
+
+
+def test_the_repq_stage_takes_its_bn_schedule_from_the_recipe(run_dir):
+    log = (run_dir.parent / f"{run_dir.name}.log").read_text()
+    assert "BN statistics frozen" in log and "re-estimated over 2 batches first" in log
 
 
 def test_the_parity_ladder_is_consistent(run_dir):

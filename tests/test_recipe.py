@@ -118,3 +118,14 @@ def test_train_settings_combine_the_stage_with_model_data_and_seed():
 
     with pytest.raises(RepqError, match="model.convert=acb .* not wired"):
         train_settings(load_recipe(None, ["model.convert=acb"]))
+
+
+def test_repq_bn_schedule_settings_are_validated():
+    recipe = load_recipe(None, ["stages.repq.freeze_bn_at=0.8", "stages.repq.recalibrate_bn=100",
+                                "stages.repq.distill=1.0"])
+    assert (recipe.stages.repq.freeze_bn_at, recipe.stages.repq.recalibrate_bn) == (0.8, 100)
+    assert load_recipe(None).stages.repq.freeze_bn_at is None  # off unless asked for
+    with pytest.raises(RepqError, match="freeze_bn_at"):
+        load_recipe(None, ["stages.repq.freeze_bn_at=1.0"])
+    with pytest.raises(RepqError, match="distill"):
+        load_recipe(None, ["stages.repq.distill=2"])
