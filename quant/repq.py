@@ -399,15 +399,14 @@ def sign_first_input(model: nn.Module) -> nn.Module:
 def freeze_bn_statistics(model: nn.Module) -> int:
     """From now on, train through the running BN statistics: RepQ blocks merge with them in training as in
     eval (no batch statistics, no running update), so the kernel each step quantizes is the deploy kernel
-    itself; BNs outside RepQ blocks switch to eval mode (a later ``model.train()`` undoes only that part).
+    itself; plain BNs (outside RepQ blocks) switch to eval mode, which a later ``model.train()`` undoes. The BNs
+    inside RepQ blocks switch too, harmlessly: the blocks read their parameters, never call them.
     Returns the number of RepQ blocks frozen."""
     blocks = [m for m in model.modules() if isinstance(m, RepQBlock)]
-    is_bn = lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm)  # noqa: E731
-    inside = {id(bn) for block in blocks for bn in block.modules() if is_bn(bn)}
     for block in blocks:
         block.frozen_stats = True
     for module in model.modules():
-        if is_bn(module) and id(module) not in inside:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
     return len(blocks)
 

@@ -192,7 +192,7 @@ def _freeze_bn(model: nn.Module, train_loader, recalibrate_batches: int, log) ->
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, train_loader, batches: int) -> int:
-    """Re-estimate every BN's running statistics with the final weights: reset, then the plain average
+    """Re-estimate every BN's running statistics with the current weights: reset, then the plain average
     (momentum None) over ``batches`` training batches, forward only, in training mode, so each RepQ mode
     measures its statistics as it trained (RepQ-BN exact, RepQ-BNEst estimated). The deploy model folds the
     running statistics; at the end of fine-tuning they are a momentum average over the last few batches only,
