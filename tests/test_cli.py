@@ -264,3 +264,40 @@ def test_finetune_scores_on_the_checkpoints_own_val_split(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["fp32_top1"] == pytest.approx(expected, abs=1e-6)
     assert len(val.dataset) == 359  # 20% of digits' 1,797 images, rounded
+
+
+def test_finetune_start_from_continues_the_saved_state_and_refuses_other_settings(tmp_path):
+    """`repq finetune --start-from DIR/repq.pt` continues that fine-tune: at lr 0 with BN frozen from the first
+    step, nothing may move, so the state written equals the loaded one exactly (learned steps and BNEst's
+    correction are not re-measured). A fresh run with the same settings ends elsewhere: the load is what
+    carries the state. Other widths get a one-line error."""
+    torch = pytest.importorskip("torch")
+    from reparam import create_model
+    from reparam.io import atomic_save
+
+    torch.manual_seed(0)
+    model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125).eval()
+    checkpoint = tmp_path / "best.pt"
+    atomic_save({"arch": model.repq_arch, "state_dict": model.state_dict(),
+                 "settings": {"val_size": 0.2, "split_seed": 3}}, checkpoint)
+    common = ["--checkpoint", str(checkpoint), "--epochs", "0.05", "--w-bits", "4", "--a-bits", "4", "--no-export"]
+    assert call("finetune", [*common, "--out", str(tmp_path / "a")]) == 0
+    still = [*common, "--lr", "0", "--freeze-bn-at", "0"]
+    saved = str(tmp_path / "a" / "repq.pt")
+    assert call("finetune", [*still, "--start-from", saved, "--out", str(tmp_path / "b")]) == 0
+    assert call("finetune", [*still, "--out", str(tmp_path / "c")]) == 0
+
+    def state(name):
+        return torch.load(tmp_path / name / "repq.pt", weights_only=True)["state_dict"]
+
+    first, continued, fresh = state("a"), state("b"), state("c")
+    assert first.keys() == continued.keys()
+    assert all(torch.equal(first[k], continued[k]) for k in first)
+    assert not all(torch.equal(first[k], fresh[k]) for k in first)
+    metrics = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in "ab"]
+    assert metrics[1]["fake_quant_top1"] == metrics[0]["fake_quant_top1"]
+    assert metrics[1]["started_from"] == saved
+    with pytest.raises(RepqError, match="other quantizer settings .*w_bits 4 there, 8 here"):
+        call("finetune", [*common[:4], "--start-from", saved, "--out", str(tmp_path / "d")])
+    with pytest.raises(RepqError, match="is not a `repq finetune` output"):
+        call("finetune", [*common, "--start-from", str(checkpoint), "--out", str(tmp_path / "e")])

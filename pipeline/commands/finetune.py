@@ -2,6 +2,7 @@
 
     repq finetune --checkpoint runs/cifar/best.pt --data ../shared/datasets/cifar10 --method bnest --out DIR
     repq finetune ... --method merged          # the paper's Merged baseline: fuse first, then LSQ QAT
+    repq finetune ... --start-from DIR/repq.pt --out DIR2   # extend a fine-tune with a fresh schedule
 
 Methods: ``repq`` / ``bn`` / ``bnest`` train through each block's merged kernel (quant.repq); ``merged``
 fuses the blocks and trains LSQ on the plain convs (Table 1's Merged; on a plain model it is the Plain
@@ -59,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "split, so the model is scored on images it never trained on)")
     parser.add_argument("--split-seed", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start-from", metavar="REPQ_PT",
+                        help="continue a previous fine-tune of this checkpoint (its DIR/repq.pt, same --method, "
+                             "bit widths and --act-unsigned) with a fresh schedule of --epochs: learned steps are "
+                             "kept, not re-measured")
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export and ORT evaluation")
 
 
@@ -106,6 +111,31 @@ def rebuild(ckpt: dict) -> nn.Module:
                             quant.get("act_signed", True), quant.get("bnest_calibrate", True))
     model.load_state_dict(ckpt["state_dict"])
     return model
+
+
+# The quantizer settings a continued fine-tune must share with the one it continues (how steps started does not
+# matter once they are learned).
+_CONTINUE_KEYS = ("method", "mode", "w_bits", "a_bits", "act_signed", "first_last_bits", "quantize_plain")
+
+
+def load_finetuned(model: nn.Module, path: str | Path, arch: dict) -> None:
+    """Load a previous fine-tune's DIR/repq.pt into ``model`` (built from the checkpoint of ``arch`` with the
+    same method and widths), so a fine-tune continues where that one ended; one-line errors otherwise."""
+    from reparam.io import load_checkpoint
+
+    payload = load_checkpoint(path)
+    if payload.get("format") != FORMAT:
+        raise RepqError(f"{path} is not a `repq finetune` output: pass the DIR/repq.pt a fine-tune wrote")
+    if payload["arch"] != arch:
+        raise RepqError(f"{path} fine-tuned another model ({payload['arch'].get('name')}, {payload['arch']}): "
+                        f"pass the --checkpoint that fine-tune started from")
+    wanted, saved = model.repq_quant, payload["quant"]
+    differs = [f"{k} {saved.get(k)} there, {wanted.get(k)} here"
+               for k in _CONTINUE_KEYS if saved.get(k) != wanted.get(k)]
+    if differs:
+        raise RepqError(f"{path} was fine-tuned with other quantizer settings ({'; '.join(differs)}): pass the "
+                        f"same --method, --w-bits, --a-bits and --act-unsigned")
+    model.load_state_dict(payload["state_dict"])
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -267,12 +297,15 @@ def run(args: argparse.Namespace) -> int:
     teacher = distillation_teacher(float_model, args.distill)
     model = quantized_model(float_model, args.method, args.w_bits, args.a_bits, not args.act_unsigned,
                             init=args.init, weight_init=args.weight_init)
+    if args.start_from:
+        load_finetuned(model, args.start_from, float_model.repq_arch)
     losses = finetune(model, train_loader, args.epochs, args.lr, args.weight_decay,
                       label_smoothing=args.label_smoothing, teacher=teacher, distill=args.distill,
                       recalibrate_batches=args.recalibrate_bn, freeze_bn_at=args.freeze_bn_at)
     metrics = {"method": args.method, "w_bits": args.w_bits, "a_bits": args.a_bits,
                "act_signed": not args.act_unsigned, "distill": args.distill,
                "recalibrate_bn": args.recalibrate_bn, "freeze_bn_at": args.freeze_bn_at, "fp32_top1": fp_top1,
+               "started_from": args.start_from,
                "steps": len(losses),
                "final_loss": sum(losses[-20:]) / len(losses[-20:]),
                "fake_quant_top1": evaluate(model, val_loader, ctx)["top1"]}
