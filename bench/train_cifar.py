@@ -61,7 +61,7 @@ def measure_speed(model_name: str, settings: TrainSettings, data, device: str, s
     torch.manual_seed(0)
     model = build_model(settings, data.num_classes, cifar=True).to(dev)
     cuda = dev.type == "cuda"
-    channels_last = use_channels_last(settings.channels_last, dev, data.input_shape[-1])
+    channels_last = use_channels_last(settings.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, settings)

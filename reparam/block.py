@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reparam.errors import RepqError
@@ -135,12 +136,35 @@ class ReparamBlock(nn.Module):
                 f"groups={self.groups}, deployed={self.deployed}")
 
 
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 conv (no padding) that applies its stride by subsampling the input first: the same output and
+    gradients as nn.Conv2d. oneDNN in torch 2.14 hangs or segfaults computing the weight gradient of a strided
+    1x1 conv on a channels-last input with fewer input channels than a SIMD register holds (under 8 on AVX2,
+    e.g. an RGB stem's 1x1 branch); its stride-1 kernel does not."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1, bias: bool = False):
+        super().__init__(in_channels, out_channels, 1, stride, 0, groups=groups, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        sh, sw = self.stride
+        if (sh, sw) == (1, 1):
+            return super().forward(x)
+        return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias, 1, 0, 1, self.groups)
+
+
+def branch_conv(in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1) -> nn.Conv2d:
+    """The bias-free conv of a training branch; 1x1 ones are PointwiseConv."""
+    if kernel_size in (1, (1, 1)) and padding in (0, (0, 0)):
+        return PointwiseConv(in_channels, out_channels, stride, groups)
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
+
+
 class ConvBN(nn.Module):
     """conv (no bias) -> BN: the branch most re-param blocks are made of."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
+        self.conv = branch_conv(in_channels, out_channels, kernel_size, stride, padding, groups)
         self.bn = nn.BatchNorm2d(out_channels)
 
     def forward(self, x: Tensor) -> Tensor:

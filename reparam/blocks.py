@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reparam.block import BNStats, BNTap, ConvBN, ReparamBlock, copy_bn, silence_bn, stats_for
+from reparam.block import BNStats, BNTap, ConvBN, PointwiseConv, ReparamBlock, copy_bn, silence_bn, stats_for
 from reparam.errors import RepqError
 from reparam.kernels import (
     Kernel,
@@ -121,7 +121,7 @@ class QARepVGGBlock(ReparamBlock):
     def _build_branches(self) -> None:
         c_in, c_out, k, s, g = self.in_channels, self.out_channels, self.kernel_size, self.stride, self.groups
         self.rbr_dense = ConvBN(c_in, c_out, k, s, self.padding, g)
-        self.rbr_1x1 = nn.Conv2d(c_in, c_out, 1, s, 0, groups=g, bias=False)
+        self.rbr_1x1 = PointwiseConv(c_in, c_out, s, g)
         self.has_identity = c_in == c_out and s == 1
         self.post_bn = nn.BatchNorm2d(c_out)
 

@@ -150,3 +150,28 @@ def test_fuse_on_a_half_fused_block_is_a_clear_error():
     block.reparam_conv = torch.nn.Conv2d(4, 4, 3, padding=1)
     with pytest.raises(RepqError, match="half-fused"):
         block.fuse()
+
+
+@pytest.mark.parametrize("name", ["repvgg", "qarepvgg", "dbb"])
+def test_strided_1x1_branches_subsample_first_and_match_a_strided_conv(name):
+    """A strided RGB 1x1 branch on a channels-last batch is the case whose weight gradient hangs or crashes
+    oneDNN's strided kernel (AVX2); PointwiseConv subsamples, then runs the stride-1 kernel. Reference: a plain
+    strided conv on a contiguous NCHW copy (another kernel), same forward and gradients."""
+    from reparam.block import PointwiseConv
+
+    torch.manual_seed(0)
+    block = BLOCKS[name](3, 16, 3, stride=2).train()
+    convs = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)
+             and m.stride == (2, 2)]
+    assert convs and all(isinstance(m, PointwiseConv) for m in convs)
+    conv = convs[0]
+    x = torch.randn(8, 32, 32, 3).permute(0, 3, 1, 2).requires_grad_()  # NHWC memory, as images arrive
+    x_ref = x.detach().contiguous().requires_grad_()
+    weight_ref = conv.weight.detach().clone().requires_grad_()
+    out, ref = conv(x), F.conv2d(x_ref, weight_ref, None, 2)
+    assert rel_err(out, ref) < 1e-6
+    grad = torch.randn_like(ref)
+    weight_grad, input_grad = torch.autograd.grad(out, (conv.weight, x), grad)
+    weight_grad_ref, input_grad_ref = torch.autograd.grad(ref, (weight_ref, x_ref), grad)
+    assert rel_err(weight_grad, weight_grad_ref) < 1e-5 and rel_err(input_grad, input_grad_ref) < 1e-6
+    block(x).sum().backward()  # the whole block's backward completes
