@@ -22,6 +22,11 @@ Placements
   needs a zero point at the type's minimum). An integer Clip to codes 0..127 between that Q and its DQ keeps
   int8's saturation at amax (without it values above amax would run to 255 steps, which the fake-quant model
   never saw); ORT still fuses QLinearConv around it.
+  A signed tensor is stored as uint8 with zero point 128 (codes 0..255), and a layer reading one gets its int8
+  weights as uint8 with zero point 128 too: the same values, run by ORT's U8U8 kernels. Its U8S8 kernels
+  without VNNI (AVX2) add pairs of uint8 x int8 products in int16, which saturates above 32767 for codes over
+  128 (measured on a Zen 3 CPU: a first conv off by up to 75 output codes). Codes 0..127 (post-ReLU) cannot
+  saturate, so those layers keep the faster U8S8 kernels.
   Symmetric int8 activations are TensorRT's constraint, not ORT's, so this is legitimate for the ORT file
   only.
 """
@@ -186,6 +191,7 @@ class QDQEditor:
         self.qdq_cache: dict[tuple, str] = {}
         self.dq_scale: dict[str, float] = {}  # DQ output -> its scale
         self.shifted_signed = False  # signed tensors as uint8 with zero point 128 (ORT placement)
+        self.wide_codes: set[str] = set()  # DQ outputs whose codes span 0..255 (shifted signed tensors)
         self.code_range: tuple[str, str] | None = None  # uint8 constants 0 and 127, made once
         self.count = 0
         self._index()
@@ -230,6 +236,8 @@ class QDQEditor:
                 quant = self._node("Clip", [quant, *self._uint8_int8_range()], tensor)
             self.qdq_cache[key] = self._node("DequantizeLinear", [quant, scale, zero], tensor)
             self.dq_scale[self.qdq_cache[key]] = float(np.float32(_safe(amax) / levels))
+            if self.shifted_signed and not unsigned:
+                self.wide_codes.add(self.qdq_cache[key])
         return self.qdq_cache[key]
 
     def _uint8_int8_range(self) -> tuple[str, str]:
@@ -238,8 +246,9 @@ class QDQEditor:
                                self._const("int8_grid_max", np.array(127, dtype=np.uint8)))
         return self.code_range
 
-    def weight_qdq(self, node, amax: np.ndarray, prequantize: bool) -> np.ndarray:
-        """Per-channel (axis 0) Q/DQ of the node's weight; returns the weight scales."""
+    def weight_qdq(self, node, amax: np.ndarray, prequantize: bool, shifted: bool = False) -> np.ndarray:
+        """Per-channel (axis 0) Q/DQ of the node's weight; returns the weight scales. `shifted` (prequantized
+        only) stores the int8 codes as uint8 with zero point 128: the same values, for ORT's U8U8 kernels."""
         from onnx import numpy_helper
 
         weight_name = node.input[1]
@@ -248,12 +257,14 @@ class QDQEditor:
             raise RepqError(f"Gemm {node.name} stores its weight as in x out; only torch Linear (transB=1) "
                             "is supported for per-channel weights: export the layer as nn.Linear")
         scale = (_safe(np.asarray(amax, dtype=np.float64)) / 127.0).astype(np.float32)
-        zero = self._const(f"{weight_name}_zero", np.zeros(weight.shape[0], dtype=np.int8))
+        zeros = np.full(weight.shape[0], 128, np.uint8) if shifted else np.zeros(weight.shape[0], np.int8)
+        zero = self._const(f"{weight_name}_zero", zeros)
         scale_name = self._const(f"{weight_name}_scale", scale)
         if prequantize:  # int8 initializer + DQ: what ORT's QDQ fusion reads, a quarter of the size
             shape = (-1,) + (1,) * (weight.ndim - 1)
-            q = np.clip(np.round(weight / scale.reshape(shape)), -128, 127).astype(np.int8)
-            source = self._const(f"{weight_name}_int8", q)
+            q = np.clip(np.round(weight / scale.reshape(shape)), -128, 127)
+            q = (q + 128).astype(np.uint8) if shifted else q.astype(np.int8)
+            source = self._const(f"{weight_name}_{q.dtype}", q)
         else:  # float weight -> Q -> DQ: TensorRT's explicit-quantization form
             source = self._node("QuantizeLinear", [weight_name, scale_name, zero], weight_name, axis=0)
         node.input[1] = self._node("DequantizeLinear", [source, scale_name, zero], weight_name, axis=0)
@@ -308,7 +319,8 @@ class QDQEditor:
             spec = specs[name]
             if spec.weight_amax is None:
                 continue
-            weight_scale = self.weight_qdq(node, spec.weight_amax, prequantize=True)
+            weight_scale = self.weight_qdq(node, spec.weight_amax, prequantize=True,
+                                           shifted=node.input[0] in self.wide_codes)
             if node.input[0] in self.dq_scale:
                 self.bias_qdq(node, self.dq_scale[node.input[0]], weight_scale)
 
