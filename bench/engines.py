@@ -226,7 +226,7 @@ class Bench:
 
 def cpu_engines(files: dict, threads: int, size: int, runs: int, warmup: int) -> list[Bench]:
     from engines.onnxruntime import OrtEngine
-    from engines.openvino import OpenVinoEngine, openvino_available
+    from engines.openvino import OpenVinoEngine, openvino_available, openvino_int8_problem
 
     def ort(name, path, precision):
         engine = OrtEngine(path, threads=threads)
@@ -253,6 +253,9 @@ def cpu_engines(files: dict, threads: int, size: int, runs: int, warmup: int) ->
             ("openvino-fp32", files["fp32"], "fp32"),
             ("openvino-int8", files["trt"], "int8"),
         ):
+            if precision == "int8" and openvino_int8_problem():
+                print(f"skip {name}: {openvino_int8_problem()}")
+                continue
             engine = OpenVinoEngine(path, threads=threads, precision_hint="f32")
             info = engine.describe()
             benches.append(Bench(name, engine, lambda b, e=engine: engine_times(e, b), precision, info))

@@ -285,7 +285,8 @@ def _engine_runs(ctx: StageContext) -> tuple[list[tuple[Path, dict, str, bool]],
 
     ``parity_only``: ONNX Runtime running the TensorRT-placement file, the ladder's "QDQ ONNX" step, not an
     engine of the methods table. GPU targets (TensorRT) are listed as skipped: engines/tensorrt.py builds them
-    on a GPU machine (bench/engines.py).
+    on a GPU machine (bench/engines.py). So are OpenVINO's INT8 runs on a CPU whose INT8 kernels it computes
+    inexactly (`engines.openvino.openvino_int8_problem`).
     """
     from engines.targets import get_target
 
@@ -301,9 +302,17 @@ def _engine_runs(ctx: StageContext) -> tuple[list[tuple[Path, dict, str, bool]],
                     runs.append((export.dir / file, entry, target, True))
             elif row.needs_gpu:
                 skipped.append(f"{target}: {file} (needs a GPU with TensorRT)")
+            elif target == "openvino" and entry["placement"] != "float" and _openvino_int8_problem():
+                skipped.append(f"{target}: {file} ({_openvino_int8_problem()})")
             else:
                 runs.append((export.dir / file, entry, target, False))
     return runs, skipped
+
+
+def _openvino_int8_problem() -> str | None:
+    from engines.openvino import openvino_available, openvino_int8_problem
+
+    return None if openvino_available() else openvino_int8_problem()  # not installed: open_engine says so
 
 
 def open_engine(path: str | Path, target: str, threads: int | None = None):

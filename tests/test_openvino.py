@@ -7,10 +7,25 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.openvino import OpenVinoEngine, int8_coverage, openvino_available
+from engines.openvino import (
+    INT8_PROBE_TOLERANCE,
+    OpenVinoEngine,
+    int8_coverage,
+    int8_kernel_error,
+    openvino_available,
+    openvino_int8_problem,
+)
 from reparam.errors import RepqError
 
 pytestmark = pytest.mark.skipif(openvino_available() is not None, reason=str(openvino_available()))
+
+
+def _int8_problem() -> str | None:
+    return None if openvino_available() else openvino_int8_problem()
+
+
+# OpenVINO refuses INT8 files on CPUs whose INT8 kernels it computes inexactly (AVX2 without VNNI).
+exact_int8 = pytest.mark.skipif(_int8_problem() is not None, reason=str(_int8_problem()))
 
 
 def _qdq(graph_nodes, inits, name, tensor, scale, axis=None):
@@ -114,6 +129,7 @@ def test_fp32_engine_matches_onnxruntime(nets, images):
     assert coverage["compute_layers"] == 3 and coverage["int8_layers"] == 0
 
 
+@exact_int8
 def test_qdq_graph_runs_in_int8_and_matches_onnxruntime(nets, images):
     engine = OpenVinoEngine(nets["qdq"], threads=1)
     coverage = engine.int8_coverage()
@@ -128,6 +144,7 @@ def test_qdq_graph_runs_in_int8_and_matches_onnxruntime(nets, images):
     assert (out.argmax(1) == ref.argmax(1)).mean() >= 5 / 6
 
 
+@exact_int8
 def test_static_batch_benchmark_and_accuracy(nets, images):
     engine = OpenVinoEngine(nets["qdq"], threads=1, batch_size=3)
     assert engine.input_shape == (3, 3, 12, 12)
@@ -162,6 +179,7 @@ def test_bad_files_give_one_line_errors(tmp_path):
         OpenVinoEngine(garbage)
 
 
+@exact_int8
 def test_exported_tensorrt_graph_runs_int8_and_matches_fake_quant(tmp_path):
     """The real path: ModelOpt calibration -> export for the `openvino` target -> OpenVINO."""
     import torch
@@ -196,3 +214,18 @@ def test_exported_tensorrt_graph_runs_int8_and_matches_fake_quant(tmp_path):
     # The engine reproduces the fake-quant model far more closely than the float model it was made from.
     assert np.abs(out - fake_quant).max() < 0.25 * np.abs(out - fp32).max() + 1e-4
     assert np.abs(out - fake_quant).max() <= 0.02 * np.abs(fake_quant).max()
+
+
+def test_int8_probe_is_exact_for_7_bit_weight_codes_on_every_cpu():
+    """The probe's reference is right: 7-bit codes run exactly even where 8-bit ones do not."""
+    assert int8_kernel_error(63) <= INT8_PROBE_TOLERANCE
+
+
+def test_int8_files_are_refused_where_the_int8_kernels_are_inexact(nets, images, monkeypatch):
+    import engines.openvino
+
+    monkeypatch.setattr(engines.openvino, "openvino_int8_problem", lambda: "inexact INT8 kernels here")
+    with pytest.raises(RepqError, match="qdq.onnx: inexact INT8 kernels here"):
+        OpenVinoEngine(nets["qdq"], threads=1)
+    engine = OpenVinoEngine(nets["fp32"], threads=1)  # float files still run
+    np.testing.assert_allclose(engine(images), ort_reference(nets["fp32"], images), rtol=1e-4, atol=1e-5)
