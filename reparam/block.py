@@ -137,17 +137,20 @@ class ReparamBlock(nn.Module):
 
 
 class PointwiseConv(nn.Conv2d):
-    """A 1x1 conv (no padding) that applies its stride by subsampling the input first: the same output and
-    gradients as nn.Conv2d. oneDNN in torch 2.14 hangs or segfaults computing the weight gradient of a strided
-    1x1 conv on a channels-last input with fewer input channels than a SIMD register holds (under 8 on AVX2,
-    e.g. an RGB stem's 1x1 branch); its stride-1 kernel does not."""
+    """A 1x1 conv (no padding), the same output and gradients as nn.Conv2d. With few input channels it applies
+    its stride by subsampling the input first: oneDNN in torch 2.14 hangs or segfaults computing the weight
+    gradient of a strided 1x1 conv on a channels-last input with fewer input channels than a SIMD register
+    holds (under 8 on AVX2, e.g. an RGB stem's 1x1 branch); its stride-1 kernel does not. Wider inputs keep the
+    strided kernel: subsampling costs them a copy forward and a scatter backward."""
+
+    SUBSAMPLE_BELOW_CHANNELS = 16  # an AVX-512 register of float32
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1, bias: bool = False):
         super().__init__(in_channels, out_channels, 1, stride, 0, groups=groups, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         sh, sw = self.stride
-        if (sh, sw) == (1, 1):
+        if (sh, sw) == (1, 1) or self.in_channels // self.groups >= self.SUBSAMPLE_BELOW_CHANNELS:
             return super().forward(x)
         return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias, 1, 0, 1, self.groups)
 

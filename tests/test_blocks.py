@@ -160,7 +160,7 @@ def test_strided_1x1_branches_subsample_first_and_match_a_strided_conv(name):
     from reparam.block import PointwiseConv
 
     torch.manual_seed(0)
-    block = BLOCKS[name](3, 16, 3, stride=2).train()
+    block = BLOCKS[name](3, 16, 3, stride=2).train()  # 3 input channels: the subsampling path
     convs = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)
              and m.stride == (2, 2)]
     assert convs and all(isinstance(m, PointwiseConv) for m in convs)
