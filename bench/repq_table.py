@@ -11,6 +11,7 @@ variance estimate (equation 6) matches the exact batch variance on real activati
     python bench/repq_table.py --checkpoint runs/bench_cifar_cl/repvgg_a0/best.pt --methods bnest --bits 4 \
         --epochs 30 --act-unsigned-below-8 --distill 1.0 --weight-init minerror --recalibrate-bn 100 \
         --freeze-bn-at 0.8 --out DIR   # the best 4-bit row so far: 84.06 (FP32 85.92), 61 min on 2 cores
+    python bench/repq_table.py ... --resume --out DIR   # continue the row a kill interrupted (DIR/*.state.pt)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pipeline.commands.finetune import (  # noqa: E402
     finetune,
     quantized_model,
     recalibrate_bn,
+    state_file,
 )
 from pipeline.distributed import init_distributed  # noqa: E402
 from pipeline.train import evaluate, load_model_checkpoint  # noqa: E402
@@ -116,6 +118,9 @@ def main() -> None:
                         help="one row only: load this fine-tuned state (a previous run's METHOD_wBITS.pt, same method "
                              "and bits) before fine-tuning, to extend a run with a fresh schedule; with --epochs 0, "
                              "score it as saved (after --recalibrate-bn N if given)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the row a kill interrupted from its OUT/METHOD_wBITS.state.pt (rows already "
+                             "in OUT/table.json are not kept: pass --methods/--bits of the rest)")
     parser.add_argument("--out", default="/tmp/repq_table")
     args = parser.parse_args()
     if args.start_from and (len([m for m in args.methods.split(",") if m]) != 1 or "," in args.bits):
@@ -161,10 +166,13 @@ def main() -> None:
             if args.start_from:
                 load_state(model, args.start_from)
             lr = (args.lr_merged or args.lr / 10) if method in ("merged", "plain") else args.lr
-            steps, top1 = finetune_and_score(model, teacher, lr, epochs, train_loader, val_loader, ctx, args)
+            state = state_file(out / f"{method}_w{bits}.state.pt", args.resume)
+            steps, top1 = finetune_and_score(model, teacher, lr, epochs, train_loader, val_loader, ctx, args,
+                                             state_path=state)
             row = {"method": method, "bits": bits, "act_signed": signed, "steps": steps, "lr": lr,
                    "fake_quant_top1": top1, "started_from": args.start_from}
             atomic_save(model.state_dict(), out / f"{method}_w{bits}.pt")
+            state.unlink(missing_ok=True)
             if bits == 8:  # the INT8 engine itself: ORT's placement, QLinearConv kernels
                 path = export_quantized(model, out / f"{method}_w8a8.ort.onnx", "onnxruntime",
                                         (1, *images.shape[1:]), dynamic_batch=True)
@@ -177,15 +185,17 @@ def main() -> None:
 
 
 def finetune_and_score(model, teacher, lr: float, epochs: float, train_loader, val_loader, ctx, args,
-                       tag: str = "") -> tuple[int, float]:
+                       tag: str = "", state_path: Path | None = None) -> tuple[int, float]:
     """One row's budget: fine-tune, recalibrate BN, then (steps taken, val top-1). ``epochs`` 0 (with
-    --start-from): score the loaded state as it is, after the BN recalibration if one is asked for."""
+    --start-from): score the loaded state as it is, after the BN recalibration if one is asked for.
+    ``state_path``: the fine-tune's resumable state (finetune)."""
     if epochs == 0:
         recalibrate_bn(model, train_loader, args.recalibrate_bn)
         return 0, evaluate(model, val_loader, ctx)["top1"]
     losses = finetune(model, train_loader, epochs, lr, log=lambda s: print(f"  {tag}{s}", flush=True),
                       label_smoothing=args.label_smoothing, teacher=teacher, distill=args.distill,
-                      recalibrate_batches=args.recalibrate_bn, freeze_bn_at=args.freeze_bn_at)
+                      recalibrate_batches=args.recalibrate_bn, freeze_bn_at=args.freeze_bn_at,
+                      state_path=state_path)
     return len(losses), evaluate(model, val_loader, ctx)["top1"]
 
 

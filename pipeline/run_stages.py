@@ -189,11 +189,12 @@ def qat_stage(ctx: StageContext):
 
 
 def repq_stage(ctx: StageContext):
-    """RepQ fine-tuning through each block's merged kernel, per mode and bit width (RepQ paper)."""
+    """RepQ fine-tuning through each block's merged kernel, per mode and bit width (RepQ paper). An interrupted
+    attempt keeps the fine-tunes it finished and continues the one it was in from its last saved state."""
     from calibration.loaders import build_loaders
-    from pipeline.commands.finetune import FORMAT, distillation_teacher, finetune, quantized_model
+    from pipeline.commands.finetune import FORMAT, distillation_teacher, finetune, quantized_model, rebuild
     from pipeline.train import load_model_checkpoint
-    from reparam.io import atomic_save
+    from reparam.io import atomic_save, load_checkpoint
 
     s, data = ctx.settings, _data(ctx)
     label, path, trained = _last_checkpoint(ctx)
@@ -205,13 +206,18 @@ def repq_stage(ctx: StageContext):
         for bits in s.bits:
             torch.manual_seed(ctx.recipe.seed)
             method = f"{label} RepQ-{mode} W{bits}A{bits}"
-            model = quantized_model(copy.deepcopy(float_model), mode, bits, bits)
-            finetune(model, train_loader, s.epochs, s.lr, log=lambda line, m=method: ctx.log(f"  {m}: {line}"),
-                     teacher=teacher, distill=s.distill, recalibrate_batches=s.recalibrate_bn,
-                     freeze_bn_at=s.freeze_bn_at)
-            file = f"{_slug(method)}.pt"
-            atomic_save({"format": FORMAT, "arch": float_model.repq_arch, "quant": model.repq_quant,
-                         "state_dict": model.state_dict(), "data": data.describe()}, ctx.path(file))
+            file, state = f"{_slug(method)}.pt", ctx.path(f"{_slug(method)}.state.pt")
+            if ctx.resume and ctx.path(file).exists():  # finished before the interruption
+                ctx.log(f"  {method}: fine-tuned before the interruption, kept")
+                model = rebuild(load_checkpoint(ctx.path(file)))
+            else:
+                model = quantized_model(copy.deepcopy(float_model), mode, bits, bits)
+                finetune(model, train_loader, s.epochs, s.lr, log=lambda line, m=method: ctx.log(f"  {m}: {line}"),
+                         teacher=teacher, distill=s.distill, recalibrate_batches=s.recalibrate_bn,
+                         freeze_bn_at=s.freeze_bn_at, state_path=state)
+                atomic_save({"format": FORMAT, "arch": float_model.repq_arch, "quant": model.repq_quant,
+                             "state_dict": model.state_dict(), "data": data.describe()}, ctx.path(file))
+                state.unlink(missing_ok=True)
             artifacts[method] = {"kind": "repq", "file": file, "base": label}
             ladder += _float_ladder(method, trained)
             ladder.append({"step": "fakequant", "method": method, **_torch_score(model, val)})

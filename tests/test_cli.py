@@ -266,6 +266,53 @@ def test_finetune_scores_on_the_checkpoints_own_val_split(tmp_path):
     assert len(val.dataset) == 359  # 20% of digits' 1,797 images, rounded
 
 
+def test_finetune_killed_mid_run_resumes_with_resume_to_the_same_model(tmp_path, monkeypatch):
+    """`repq finetune` killed at its 4th step (states every 2 steps) leaves OUT/finetune_state.pt: a rerun
+    without --resume refuses to overwrite it, one with --resume writes the repq.pt an uninterrupted run
+    writes (bit-exact) and removes the state."""
+    torch = pytest.importorskip("torch")
+    from pipeline.commands import finetune as finetune_module
+    from reparam import create_model
+    from reparam.io import atomic_save
+
+    torch.manual_seed(0)
+    model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125).eval()
+    checkpoint = tmp_path / "best.pt"
+    atomic_save({"arch": model.repq_arch, "state_dict": model.state_dict(),
+                 "settings": {"val_size": 0.2, "split_seed": 3}}, checkpoint)
+    common = ["--checkpoint", str(checkpoint), "--epochs", "0.7", "--batch-size", "128", "--w-bits", "4",
+              "--a-bits", "4", "--no-export"]
+    assert call("finetune", [*common, "--out", str(tmp_path / "whole")]) == 0
+    assert not (tmp_path / "whole" / "finetune_state.pt").exists()
+
+    class Killed(Exception):
+        pass
+
+    real_loss, calls = finetune_module._loss, [0]
+
+    def loss_then_kill(*args):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise Killed
+        return real_loss(*args)
+
+    monkeypatch.setattr(finetune_module, "SAVE_EVERY", 2)
+    monkeypatch.setattr(finetune_module, "_loss", loss_then_kill)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        call("finetune", [*common, "--out", str(out)])
+    monkeypatch.setattr(finetune_module, "_loss", real_loss)
+    assert len(torch.load(out / "finetune_state.pt", weights_only=True)["losses"]) == 2
+    with pytest.raises(RepqError, match="holds an interrupted fine-tune: pass --resume"):
+        call("finetune", [*common, "--out", str(out)])
+    assert call("finetune", [*common, "--resume", "--out", str(out)]) == 0
+    assert not (out / "finetune_state.pt").exists()
+    whole, resumed = (torch.load(d / "repq.pt", weights_only=True)["state_dict"] for d in (tmp_path / "whole", out))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 8  # 0.7 x the 11 batches of 128 in the 1,438 training images, rounded up
+
+
 def test_finetune_start_from_continues_the_saved_state_and_refuses_other_settings(tmp_path):
     """`repq finetune --start-from DIR/repq.pt` continues that fine-tune: at lr 0 with BN frozen from the first
     step, nothing may move, so the state written equals the loaded one exactly (learned steps and BNEst's

@@ -548,3 +548,82 @@ def test_weight_init_picks_the_weight_steps_start_and_first_last_layers_keep_the
     assert len(default) == 23  # stem, 21 body convs, head
     assert default == [(8, "max")] + [(4, "max")] * 21 + [(8, "max")]  # max from 4 bits up
     assert minerror == [(8, "max")] + [(4, "minerror")] * 21 + [(8, "max")]  # 8-bit first/last keep max
+
+
+def _digits_finetune_setup():
+    from calibration.datasets import load_data
+    from calibration.loaders import build_loaders
+
+    torch.manual_seed(0)
+    model = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125), "bnest", 4, 4)
+    loader, _ = build_loaders(load_data("digits"), 64, seed=0)  # seeded order and augmentation per epoch
+    return model, loader
+
+
+class _Killed(Exception):
+    pass
+
+
+def _count_forwards(model: nn.Module, kill_at: int | None = None) -> list[int]:
+    """Count the model's training forwards; raise _Killed at forward number ``kill_at`` (a kill mid-step)."""
+    calls = [0]
+
+    def hook(module, args):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            raise _Killed
+
+    model.register_forward_pre_hook(hook)
+    return calls
+
+
+@pytest.mark.parametrize(("kill_at", "saved_step", "forwards_left"), [(29, 27, 13), (36, 30, 8)],
+                         ids=["before-the-freeze", "after-the-freeze"])
+def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, kill_at, saved_step, forwards_left):
+    """A fine-tune of 1.5 x 25 batches killed mid-step in its second epoch, before or after BN freezes at step
+    30, and run again with the same state file continues from its last saved state (every 9 steps, and at the
+    freeze) and ends bit-exactly where an uninterrupted run ends: same weights, steps, statistics, losses. The
+    resumed run takes only the steps after that state (a restart would end there too, so this is what shows it
+    continued), plus the freeze's 2 recalibration batches when the state predates the freeze."""
+    from pipeline.commands.finetune import finetune
+
+    settings = dict(epochs=1.5, lr=0.05, recalibrate_batches=2, freeze_bn_at=0.8, save_every=9, log=lambda _: None)
+    reference, loader = _digits_finetune_setup()
+    expected_losses = finetune(reference, loader, **settings)
+    total = len(expected_losses)
+    assert len(loader) == 25 and total == 38
+
+    state = tmp_path / "state.pt"
+    killed, loader = _digits_finetune_setup()
+    _count_forwards(killed, kill_at)
+    with pytest.raises(_Killed):
+        finetune(killed, loader, state_path=state, **settings)
+    assert len(torch.load(state, weights_only=True)["losses"]) == saved_step
+
+    resumed, loader = _digits_finetune_setup()
+    calls = _count_forwards(resumed)
+    lines = []
+    losses = finetune(resumed, loader, state_path=state, **{**settings, "log": lines.append})
+    assert any(f"at step {saved_step}/{total}" in line for line in lines)
+    assert calls[0] == forwards_left
+    assert losses == expected_losses
+    expected, got = reference.state_dict(), resumed.state_dict()
+    assert got.keys() == expected.keys()
+    assert [k for k in expected if not torch.equal(got[k], expected[k])] == []
+
+
+def test_a_finetune_state_resumes_only_the_same_plan(tmp_path):
+    from pipeline.commands.finetune import finetune
+
+    state = tmp_path / "state.pt"
+    model, loader = _digits_finetune_setup()
+    finetune(model, loader, epochs=0.5, lr=0.05, log=lambda _: None, state_path=state, save_every=5)
+    with pytest.raises(RepqError, match=r"state of another fine-tune \(steps 13 there, 25 here; lr 0.05 there, "
+                                        r"0.1 here\): rerun with its settings"):
+        finetune(_digits_finetune_setup()[0], loader, epochs=1, lr=0.1, log=lambda _: None, state_path=state)
+    other = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.25), "bnest", 4, 4)
+    with pytest.raises(RepqError, match="holds another model's fine-tune"):
+        finetune(other, loader, epochs=0.5, lr=0.05, log=lambda _: None, state_path=state)
+    torch.save({"state_dict": {}}, state)
+    with pytest.raises(RepqError, match="is not a fine-tune's resumable state"):
+        finetune(model, loader, epochs=0.5, lr=0.05, log=lambda _: None, state_path=state)
