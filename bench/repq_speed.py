@@ -6,6 +6,7 @@ reported, so a shared, noisy CPU slows them alike; the process CPU time is repor
 other processes on a shared machine than wall time).
 
     python bench/repq_speed.py --model resnet18_acb --batch 32 --rounds 5 [--channels-last] [--profile bn]
+    python bench/repq_speed.py --model resnet18_acb --batch 64 --size 224 --device cuda   # on a GPU
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ def variants(model: torch.nn.Module, bits: int, stats_grad: bool) -> dict[str, t
 
 def step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    cuda = x.device.type == "cuda"
 
     def step() -> None:
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if cuda:  # the step's kernels have finished when the timer stops
+            torch.cuda.synchronize()
 
     return step
 
@@ -59,13 +63,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-stats-grad", action="store_true", help="batch statistics without gradient")
     parser.add_argument("--channels-last", action="store_true", help="NHWC models and input")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--profile", choices=["plain", "repq", "bn", "bnest"], help="print a profile of one variant")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model = build(args.model, args.width).train()
     x, y = torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 10, (args.batch,))
-    models = variants(model, args.bits, not args.no_stats_grad)
+    models = {label: m.to(args.device) for label, m in variants(model, args.bits, not args.no_stats_grad).items()}
+    x, y = x.to(args.device), y.to(args.device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         models = {label: m.to(memory_format=torch.channels_last) for label, m in models.items()}
@@ -83,7 +89,7 @@ def main() -> None:
             cpu[label].append(time.process_time() - start_cpu)
     base = statistics.median(times["plain LSQ QAT"])
     base_cpu = statistics.median(cpu["plain LSQ QAT"])
-    print(f"{args.model} batch {args.batch}x3x{args.size}x{args.size}, {args.bits}-bit, torch threads "
+    print(f"{args.model} batch {args.batch}x3x{args.size}x{args.size}, {args.bits}-bit, {args.device}, torch threads "
           f"{torch.get_num_threads()}, {args.rounds} interleaved rounds, stats_grad={not args.no_stats_grad}, "
           f"channels_last={args.channels_last}")
     for label, values in times.items():

@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the row a kill interrupted from its OUT/METHOD_wBITS.state.pt (rows already "
                              "in OUT/table.json are not kept: pass --methods/--bits of the rest)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda: where fine-tuning "
+                        "and evaluation run (the export and ONNX Runtime stay on the CPU)")
     parser.add_argument("--out", default="/tmp/repq_table")
     args = parser.parse_args()
     if args.start_from and (len([m for m in args.methods.split(",") if m]) != 1 or "," in args.bits):
@@ -135,16 +137,18 @@ def main() -> None:
     if args.val_images:
         val_loader = _first(val_loader, args.val_images)
     epochs = args.steps / len(train_loader) if args.steps is not None else args.epochs
-    ctx = init_distributed("cpu")
+    ctx = init_distributed(args.device)
     fp_model, _ = load_model_checkpoint(args.checkpoint)
-    fp_top1 = evaluate(copy.deepcopy(fp_model), val_loader, ctx)["top1"]
     images = next(iter(val_loader))[0][:256]
+    variance = bnest_variance_report(fp_model, images)  # on the CPU, before the model moves
+    fp_model = fp_model.to(ctx.device)
+    fp_top1 = evaluate(copy.deepcopy(fp_model), val_loader, ctx)["top1"]
     results = {"fp32_top1": fp_top1, "checkpoint": args.checkpoint, "epochs": epochs, "lr": args.lr,
                "label_smoothing": args.label_smoothing, "init": args.init, "weight_init": args.weight_init,
                "distill": args.distill, "seed": args.seed,
                "recalibrate_bn": args.recalibrate_bn, "freeze_bn_at": args.freeze_bn_at,
                "val_images": args.val_images or 5000,
-               "bnest_variance": bnest_variance_report(fp_model, images), "rows": []}
+               "device": str(ctx.device), "batch_size": args.batch_size, "bnest_variance": variance, "rows": []}
     print(f"FP32 {fp_top1:.2f}%  BNEst on real activations: {results['bnest_variance']}", flush=True)
     if args.float_control:
         results["fp32_finetuned_top1"] = float_control(fp_model, train_loader, val_loader, ctx, epochs, args)
@@ -153,7 +157,7 @@ def main() -> None:
         atomic_write_json(out / "table.json", results)
     sources = {m: fp_model for m in args.methods.split(",") if m}
     if args.plain_checkpoint:
-        sources["plain"] = load_model_checkpoint(args.plain_checkpoint)[0]
+        sources["plain"] = load_model_checkpoint(args.plain_checkpoint)[0].to(ctx.device)
         results["plain_fp32_top1"] = evaluate(copy.deepcopy(sources["plain"]), val_loader, ctx)["top1"]
         print(f"Plain FP32 {results['plain_fp32_top1']:.2f}%", flush=True)
     for method, source in sources.items():
@@ -162,7 +166,7 @@ def main() -> None:
             torch.manual_seed(args.seed)
             signed = not (args.act_unsigned_below_8 and bits < 8)
             model = quantized_model(copy.deepcopy(source), "merged" if method == "plain" else method, bits, bits,
-                                    signed, init=args.init, weight_init=args.weight_init)
+                                    signed, init=args.init, weight_init=args.weight_init).to(ctx.device)
             if args.start_from:
                 load_state(model, args.start_from)
             lr = (args.lr_merged or args.lr / 10) if method in ("merged", "plain") else args.lr

@@ -266,6 +266,20 @@ def test_finetune_scores_on_the_checkpoints_own_val_split(tmp_path):
     assert len(val.dataset) == 359  # 20% of digits' 1,797 images, rounded
 
 
+def test_finetune_on_cuda_without_a_gpu_is_a_one_line_error(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the refusal path cannot run")
+    from reparam import create_model
+    from reparam.io import atomic_save
+
+    model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125)
+    atomic_save({"arch": model.repq_arch, "state_dict": model.state_dict()}, tmp_path / "best.pt")
+    with pytest.raises(RepqError, match=r"^device 'cuda' asked for CUDA but none is available: use --device cpu$"):
+        call("finetune", ["--checkpoint", str(tmp_path / "best.pt"), "--out", str(tmp_path / "ft"), "--device", "cuda"])
+    assert not (tmp_path / "ft").exists()
+
+
 def test_finetune_killed_mid_run_resumes_with_resume_to_the_same_model(tmp_path, monkeypatch):
     """`repq finetune` killed at its 4th step (states every 2 steps) leaves OUT/finetune_state.pt: a rerun
     without --resume refuses to overwrite it, one with --resume writes the repq.pt an uninterrupted run

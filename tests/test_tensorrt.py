@@ -268,6 +268,27 @@ def test_torch_cuda_reference_without_gpu_says_so():
         TorchCudaEngine(torch.nn.Conv2d(3, 4, 3))
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                    reason="needs a CUDA GPU: runs the PyTorch CUDA reference engine itself")
+def test_torch_cuda_reference_matches_the_cpu_model_and_times_with_and_without_graphs():
+    import torch
+
+    from engines.torch_cuda import TorchCudaEngine
+    from reparam import create_model, fuse_model
+
+    model = fuse_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.25)).eval()
+    images = np.random.default_rng(3).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    scale = np.abs(expected).max()
+    for dtype, tolerance in (("fp32", 1e-2), ("fp16", 5e-2)):  # fp32 convs may run in TF32 on the GPU
+        engine = TorchCudaEngine(model, dtype=dtype)
+        assert np.abs(engine(images) - expected).max() <= tolerance * scale, dtype
+    for graph in (True, False):
+        stats = engine.benchmark((3, 32, 32), [1, 8], warmup=2, runs=5, cuda_graph=graph)
+        assert [s.batch_size for s in stats] == [1, 8] and all(s.median_ms > 0 for s in stats)
+
+
 # ---------------------------------------------------------------- on a GPU with TensorRT
 
 

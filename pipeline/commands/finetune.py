@@ -4,6 +4,7 @@
     repq finetune ... --method merged          # the paper's Merged baseline: fuse first, then LSQ QAT
     repq finetune ... --start-from DIR/repq.pt --out DIR2   # extend a fine-tune with a fresh schedule
     repq finetune ... --resume                 # continue one a kill interrupted (DIR/finetune_state.pt)
+    repq finetune ... --device cuda            # fine-tune on a GPU (default auto: CUDA when present)
 
 Methods: ``repq`` / ``bn`` / ``bnest`` train through each block's merged kernel (quant.repq); ``merged``
 fuses the blocks and trains LSQ on the plain convs (Table 1's Merged; on a plain model it is the Plain
@@ -71,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the fine-tune a kill interrupted, from OUT/finetune_state.pt")
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export and ORT evaluation")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when present), cpu or cuda; the export and ONNX Runtime stay on the CPU")
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -154,7 +157,7 @@ def export_quantized(model: nn.Module, path: str | Path, target: str = "tensorrt
     from quant.lsq import export_ranges, without_quantizers
     from reparam import fuse_model
 
-    deployed = fuse_model(model).eval()
+    deployed = fuse_model(model).cpu().eval()  # a CPU copy: a model fine-tuned on CUDA exports the same
     specs = {name: LayerQuant(amax_in, amax_w.numpy().copy(), None)
              for name, (amax_in, amax_w) in export_ranges(deployed).items()}
     return export_onnx(without_quantizers(deployed), path, target, input_shape, specs=specs, **kwargs)
@@ -208,6 +211,7 @@ def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_de
         epoch, taken = divmod(len(losses), len(train_loader))
         set_loader_epoch(train_loader, epoch)
         for images, labels in itertools.islice(train_loader, taken, None):
+            images, labels = on_model_device(model, images, labels)
             if len(losses) == freeze_step and not frozen:
                 _freeze_bn(model, train_loader, recalibrate_batches, log)
                 frozen = True
@@ -318,7 +322,7 @@ def recalibrate_bn(model: nn.Module, train_loader, batches: int) -> int:
     was_training = model.training
     model.train()
     for seen, (images, _) in enumerate(train_loader, start=1):
-        model(images)
+        model(on_model_device(model, images)[0])
         if seen >= batches:
             break
     model.train(was_training)
@@ -330,6 +334,12 @@ def recalibrate_bn(model: nn.Module, train_loader, batches: int) -> int:
         else:
             updated += 1
     return updated
+
+
+def on_model_device(model: nn.Module, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Batches (CPU tensors from the loaders) moved to the device the model's parameters are on."""
+    device = next(model.parameters()).device
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
 
 
 def _loss(outputs, images, labels, label_smoothing: float, teacher: nn.Module | None, distill: float):
@@ -372,12 +382,13 @@ def run(args: argparse.Namespace) -> int:
     data = load_data(args.data, val_size=split["val_size"] if args.val_size is None else args.val_size,
                      seed=split["seed"] if args.split_seed is None else args.split_seed)
     train_loader, val_loader = build_loaders(data, args.batch_size, seed=args.seed)
-    ctx = init_distributed("cpu")
+    ctx = init_distributed(args.device)
+    float_model = float_model.to(ctx.device)
     fp_top1 = evaluate(copy.deepcopy(float_model), val_loader, ctx)["top1"]
-    print(f"float model: val top-1 {fp_top1:.2f}%")
+    print(f"float model: val top-1 {fp_top1:.2f}% (on {ctx.device})")
     teacher = distillation_teacher(float_model, args.distill)
     model = quantized_model(float_model, args.method, args.w_bits, args.a_bits, not args.act_unsigned,
-                            init=args.init, weight_init=args.weight_init)
+                            init=args.init, weight_init=args.weight_init).to(ctx.device)
     if args.start_from:
         load_finetuned(model, args.start_from, float_model.repq_arch)
     losses = finetune(model, train_loader, args.epochs, args.lr, args.weight_decay,
