@@ -302,7 +302,7 @@ def test_finetune_killed_mid_run_resumes_with_resume_to_the_same_model(tmp_path,
     class Killed(Exception):
         pass
 
-    real_loss, calls = finetune_module._loss, [0]
+    real_loss, calls = finetune_module.finetune_loss, [0]
 
     def loss_then_kill(*args):
         calls[0] += 1
@@ -311,11 +311,11 @@ def test_finetune_killed_mid_run_resumes_with_resume_to_the_same_model(tmp_path,
         return real_loss(*args)
 
     monkeypatch.setattr(finetune_module, "SAVE_EVERY", 2)
-    monkeypatch.setattr(finetune_module, "_loss", loss_then_kill)
+    monkeypatch.setattr(finetune_module, "finetune_loss", loss_then_kill)
     out = tmp_path / "killed"
     with pytest.raises(Killed):
         call("finetune", [*common, "--out", str(out)])
-    monkeypatch.setattr(finetune_module, "_loss", real_loss)
+    monkeypatch.setattr(finetune_module, "finetune_loss", real_loss)
     assert len(torch.load(out / "finetune_state.pt", weights_only=True)["losses"]) == 2
     with pytest.raises(RepqError, match="holds an interrupted fine-tune: pass --resume"):
         call("finetune", [*common, "--out", str(out)])

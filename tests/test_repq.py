@@ -416,7 +416,7 @@ def test_plain_models_get_lsq_on_bn_folded_convs_and_rebuild(name, kwargs):
 
 
 def test_distillation_loss_is_the_cross_entropy_to_the_fp_model_and_mixes_with_the_labels():
-    from pipeline.commands.finetune import _loss, distillation_teacher
+    from pipeline.commands.finetune import distillation_teacher, finetune_loss
 
     torch.manual_seed(0)
     fp = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125).eval()
@@ -427,9 +427,9 @@ def test_distillation_loss_is_the_cross_entropy_to_the_fp_model_and_mixes_with_t
     assert torch.allclose(teacher(images), fp_logits, atol=1e-4)  # the fused FP model
     student = torch.randn(6, 10)
     by_hand = -(torch.softmax(fp_logits, 1) * torch.log_softmax(student, 1)).sum(1).mean()
-    assert torch.allclose(_loss(student, images, labels, 0.0, teacher, 1.0), by_hand, atol=1e-5)
+    assert torch.allclose(finetune_loss(student, images, labels, 0.0, teacher, 1.0), by_hand, atol=1e-5)
     mixed = 0.7 * F.cross_entropy(student, labels) + 0.3 * by_hand
-    assert torch.allclose(_loss(student, images, labels, 0.0, teacher, 0.3), mixed, atol=1e-5)
+    assert torch.allclose(finetune_loss(student, images, labels, 0.0, teacher, 0.3), mixed, atol=1e-5)
     assert distillation_teacher(fp, 0.0) is None
     with pytest.raises(RepqError, match="outside"):
         distillation_teacher(fp, 1.5)

@@ -47,7 +47,7 @@ def test_an_interrupted_repq_stage_keeps_finished_fine_tunes_and_resumes_the_cur
     expected = state_dicts(tmp_path / "whole")
     assert sorted(expected) == ["repvgg_a0_repq_bnest_w4a4.pt", "repvgg_a0_repq_bnest_w8a8.pt"]
 
-    real_loss, calls = finetune_module._loss, [0]
+    real_loss, calls = finetune_module.finetune_loss, [0]
 
     def loss_then_kill(*args):
         calls[0] += 1
@@ -56,13 +56,13 @@ def test_an_interrupted_repq_stage_keeps_finished_fine_tunes_and_resumes_the_cur
         return real_loss(*args)
 
     monkeypatch.setattr(finetune_module, "SAVE_EVERY", 2)
-    monkeypatch.setattr(finetune_module, "_loss", loss_then_kill)
+    monkeypatch.setattr(finetune_module, "finetune_loss", loss_then_kill)
     folder = tmp_path / "attempt"
     with pytest.raises(Killed):
         attempt(upstream, folder, False, [])
     assert sorted(p.name for p in folder.glob("*.pt")) == ["repvgg_a0_repq_bnest_w4a4.state.pt",
                                                            "repvgg_a0_repq_bnest_w8a8.pt"]
-    monkeypatch.setattr(finetune_module, "_loss", real_loss)
+    monkeypatch.setattr(finetune_module, "finetune_loss", real_loss)
     lines = []
     resumed = attempt(upstream, folder, True, lines)
     assert any("W8A8: fine-tuned before the interruption, kept" in line for line in lines)

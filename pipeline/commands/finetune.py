@@ -216,7 +216,7 @@ def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_de
                 _freeze_bn(model, train_loader, recalibrate_batches, log)
                 frozen = True
                 state.save(losses, frozen)
-            loss = _loss(model(images), images, labels, label_smoothing, teacher, distill)
+            loss = finetune_loss(model(images), images, labels, label_smoothing, teacher, distill)
             if not torch.isfinite(loss):
                 raise RepqError(f"fine-tuning loss became {loss.item()} at step {len(losses)}: lower --lr")
             optimizer.zero_grad(set_to_none=True)
@@ -342,7 +342,7 @@ def on_model_device(model: nn.Module, *tensors: torch.Tensor) -> tuple[torch.Ten
     return tuple(t.to(device, non_blocking=True) for t in tensors)
 
 
-def _loss(outputs, images, labels, label_smoothing: float, teacher: nn.Module | None, distill: float):
+def finetune_loss(outputs, images, labels, label_smoothing: float, teacher: nn.Module | None, distill: float):
     from pipeline.train import task_loss
 
     loss = task_loss(outputs, labels, label_smoothing)
