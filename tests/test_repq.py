@@ -649,7 +649,7 @@ def test_a_finetune_on_cuda_follows_the_cpu_one_and_exports(tmp_path):
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     assert len(cuda_losses) == len(cpu_losses) == 10
-    assert cuda_losses[0] == pytest.approx(cpu_losses[0], rel=1e-4)  # the same first batch and initial steps
+    assert cuda_losses[0] == pytest.approx(cpu_losses[0], rel=2e-3)  # the same batch; MinError may pick a neighbour
     assert cuda_losses == pytest.approx(cpu_losses, rel=3e-2)
     assert all(p.is_cuda for p in on_cuda.parameters())
     cpu_state, cuda_state = on_cpu.state_dict(), on_cuda.state_dict()
