@@ -260,7 +260,7 @@ def test_finetune_scores_on_the_checkpoints_own_val_split(tmp_path):
     expected = 100.0 * sum(hits) / len(val.dataset)
     out = tmp_path / "ft"
     assert call("finetune", ["--checkpoint", str(checkpoint), "--out", str(out), "--epochs", "0.05",
-                             "--no-export"]) == 0
+                             "--no-export", "--device", "cpu"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["fp32_top1"] == pytest.approx(expected, abs=1e-6)
     assert len(val.dataset) == 359  # 20% of digits' 1,797 images, rounded
@@ -294,7 +294,8 @@ def test_finetune_killed_mid_run_resumes_with_resume_to_the_same_model(tmp_path,
     checkpoint = tmp_path / "best.pt"
     atomic_save({"arch": model.repq_arch, "state_dict": model.state_dict(),
                  "settings": {"val_size": 0.2, "split_seed": 3}}, checkpoint)
-    common = ["--checkpoint", str(checkpoint), "--epochs", "0.7", "--batch-size", "128", "--w-bits", "4",
+    common = ["--checkpoint", str(checkpoint), "--device", "cpu", "--epochs", "0.7", "--batch-size", "128",
+              "--w-bits", "4",
               "--a-bits", "4", "--no-export"]
     assert call("finetune", [*common, "--out", str(tmp_path / "whole")]) == 0
     assert not (tmp_path / "whole" / "finetune_state.pt").exists()
@@ -341,7 +342,8 @@ def test_finetune_start_from_continues_the_saved_state_and_refuses_other_setting
     checkpoint = tmp_path / "best.pt"
     atomic_save({"arch": model.repq_arch, "state_dict": model.state_dict(),
                  "settings": {"val_size": 0.2, "split_seed": 3}}, checkpoint)
-    common = ["--checkpoint", str(checkpoint), "--epochs", "0.05", "--w-bits", "4", "--a-bits", "4", "--no-export"]
+    common = ["--checkpoint", str(checkpoint), "--device", "cpu", "--epochs", "0.05", "--w-bits", "4", "--a-bits", "4",
+              "--no-export"]
     assert call("finetune", [*common, "--out", str(tmp_path / "a")]) == 0
     still = [*common, "--lr", "0", "--freeze-bn-at", "0"]
     saved = str(tmp_path / "a" / "repq.pt")
