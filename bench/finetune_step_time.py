@@ -48,7 +48,7 @@ def seconds_per_step(fp_model, teacher, data, batch_size: int, args) -> float:
         optimizer.step()
 
     def synchronize() -> None:
-        if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+        if next(model.parameters()).is_cuda:
             torch.cuda.synchronize()
 
     for _ in range(args.warmup):  # the first step sets the LSQ steps and BNEst's corrections
