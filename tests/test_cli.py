@@ -295,8 +295,7 @@ def test_finetune_killed_mid_run_resumes_with_resume_to_the_same_model(tmp_path,
     atomic_save({"arch": model.repq_arch, "state_dict": model.state_dict(),
                  "settings": {"val_size": 0.2, "split_seed": 3}}, checkpoint)
     common = ["--checkpoint", str(checkpoint), "--device", "cpu", "--epochs", "0.7", "--batch-size", "128",
-              "--w-bits", "4",
-              "--a-bits", "4", "--no-export"]
+              "--w-bits", "4", "--a-bits", "4", "--no-export"]
     assert call("finetune", [*common, "--out", str(tmp_path / "whole")]) == 0
     assert not (tmp_path / "whole" / "finetune_state.pt").exists()
 
