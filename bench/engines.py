@@ -14,25 +14,22 @@ processes falls on all of them alike; the statistics pool all rounds. Prints one
 
 from __future__ import annotations
 
+import argparse
+import os
+import platform
 import sys
+import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the project, not this file, as `engines`
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from engines.timing import latency_stats, speedup  # noqa: E402
-from reparam.errors import RepqError  # noqa: E402
-from reparam.io import atomic_write_json  # noqa: E402
+from repq.engines.timing import latency_stats, speedup
+from repq.errors import RepqError
+from repq.reparam.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
+
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10" / "train"
 GOAL_SPEEDUP = 3.5  # best INT8 engine over ORT FP32, fused RepVGG-A0, 224x224, batch 8, this CPU
 
@@ -70,7 +67,7 @@ def image_batches(root: Path, count: int, size: int, offset: int = 0) -> tuple[t
     preset training uses at that size (cifar up to 64 pixels, imagenet above)."""
     from PIL import Image
 
-    from calibration.transforms import PRESETS
+    from repq.calibration.transforms import PRESETS
 
     if not root.is_dir():
         raise RepqError(f"data folder {root} does not exist: pass --data PATH (an ImageFolder)")
@@ -105,8 +102,8 @@ def bench_images(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         calib, _ = image_batches(Path(args.data), args.calib_images, args.image_size)
         images, labels = image_batches(Path(args.data), args.eval_images, args.image_size, offset=args.calib_images)
         return calib, images, labels
-    from calibration.datasets import load_data
-    from calibration.loaders import calibration_set
+    from repq.calibration.datasets import load_data
+    from repq.calibration.loaders import calibration_set
 
     data = load_data(args.data)
     if data.preset.image_size != args.image_size:
@@ -124,11 +121,11 @@ def load_model(args, calib: torch.Tensor):
     """The zoo model with --checkpoint's weights, or seeded random weights whose BN statistics are estimated
     on the calibration images: without that a random RepVGG-A0 predicts one or two classes for every image
     (measured: 1-3 distinct top-1 classes over 16 images), and top-1 agreement between engines means little."""
-    from reparam import create_model
+    from repq.reparam import create_model
 
     torch.manual_seed(args.seed)
     if args.checkpoint:
-        from reparam.io import load_checkpoint
+        from repq.reparam.io import load_checkpoint
 
         checkpoint = load_checkpoint(args.checkpoint)
         arch = checkpoint.get("arch")  # a repq checkpoint says how to rebuild its model
@@ -166,7 +163,7 @@ def export_fp32(model: torch.nn.Module, path: Path, size: int) -> Path:
     import onnx
     from onnx import numpy_helper
 
-    from reparam.io import atomic_write_bytes
+    from repq.reparam.io import atomic_write_bytes
 
     buffer = io.BytesIO()
     torch.onnx.export(
@@ -225,8 +222,8 @@ class Bench:
 
 
 def cpu_engines(files: dict, threads: int, size: int, runs: int, warmup: int) -> list[Bench]:
-    from engines.onnxruntime import OrtEngine
-    from engines.openvino import OpenVinoEngine, openvino_available, openvino_int8_problem
+    from repq.engines.onnxruntime import OrtEngine
+    from repq.engines.openvino import OpenVinoEngine, openvino_available, openvino_int8_problem
 
     def ort(name, path, precision):
         engine = OrtEngine(path, threads=threads)
@@ -265,8 +262,8 @@ def cpu_engines(files: dict, threads: int, size: int, runs: int, warmup: int) ->
 
 
 def gpu_engines(files: dict, fused: torch.nn.Module, out: Path, batches, runs: int, warmup: int) -> list[Bench]:
-    from engines import tensorrt as trt
-    from engines.torch_cuda import TorchCudaEngine, cuda_unavailable_reason
+    from repq.engines import tensorrt as trt
+    from repq.engines.torch_cuda import TorchCudaEngine, cuda_unavailable_reason
 
     benches = []
     reason = cuda_unavailable_reason()
@@ -346,9 +343,9 @@ def timing_rows(benches, batches, rounds: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from engines.export import export_onnx
-    from quant.toolkit import quantize
-    from reparam import fuse_model
+    from repq.engines.export import export_onnx
+    from repq.quant.toolkit import quantize
+    from repq.reparam import fuse_model
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     out = Path(args.out)

@@ -17,20 +17,19 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from calibration.datasets import load_data  # noqa: E402
-from calibration.loaders import build_loaders  # noqa: E402
-from pipeline.commands.finetune import (  # noqa: E402
+from repq.calibration.datasets import load_data
+from repq.calibration.loaders import build_loaders
+from repq.pipeline.commands.finetune import (
     METHODS,
     distillation_teacher,
     finetune_loss,
     on_model_device,
     quantized_model,
 )
-from pipeline.distributed import init_distributed  # noqa: E402
-from pipeline.train import load_model_checkpoint  # noqa: E402
+from repq.pipeline.distributed import init_distributed
+from repq.pipeline.train import load_model_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def seconds_per_step(fp_model, teacher, data, batch_size: int, args) -> float:

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from pipeline.commands.models import check_fuse
+from repq.pipeline.commands.models import check_fuse
 
 
 def main() -> None:

@@ -22,19 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engines.export import export_float, export_onnx  # noqa: E402
-from engines.onnxruntime import OrtEngine, optimized_op_types  # noqa: E402
-from engines.timing import latency_stats, time_calls  # noqa: E402
-from quant.toolkit import quantize  # noqa: E402
+from repq.engines.export import export_float, export_onnx
+from repq.engines.onnxruntime import OrtEngine, optimized_op_types
+from repq.engines.timing import latency_stats, time_calls
+from repq.quant.toolkit import quantize
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10"
 
 
 def calibration_batches(data_path, num_images: int, size: int | None, batch: int = 64):
     """The fixed calibration set of `calibration/` (seed 0), resized to `size` when given."""
-    from calibration.loaders import calibration_set
+    from repq.calibration.loaders import calibration_set
 
     data = str(data_path) if isinstance(data_path, (str, Path)) else data_path
     images, labels = calibration_set(data, num_images, seed=0)
@@ -72,7 +70,7 @@ def ort_quantize_static(fp32_path: Path, out_path: Path, batches) -> Path:
 
 def build_files(model, batches, out: Path, shape, method: str = "max", percentile: float = 99.99) -> dict:
     """FP32, repq INT8 (ORT placement) and quantize_static files of the fused `model`."""
-    from reparam import fuse_model
+    from repq.reparam import fuse_model
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"fp32": out / "fp32.onnx", "repq_int8": out / f"repq_{method}.ort.onnx",
@@ -101,7 +99,7 @@ def interleaved_latency(engines: dict, image_shape, batch: int, runs: int, round
 
 
 def run_speed(args) -> dict:
-    from reparam import create_model
+    from repq.reparam import create_model
 
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=1000).eval()
@@ -128,8 +126,8 @@ def evaluate(path: Path, val_loader, threads) -> float:
 
 
 def run_accuracy(args) -> dict:
-    from calibration.datasets import load_data
-    from pipeline.train import load_model_checkpoint
+    from repq.calibration.datasets import load_data
+    from repq.pipeline.train import load_model_checkpoint
 
     data = load_data(str(args.data), val_size=5000, seed=0)
     val = [(x, y) for x, y in _val_batches(data, args.val_images)]
@@ -152,7 +150,7 @@ def run_accuracy(args) -> dict:
             row[label] = evaluate(path, val, args.threads)
             print(f"  {label}: {row[label]:.2f}", file=sys.stderr)
         if args.qat_epochs:
-            from pipeline.qat import qat
+            from repq.pipeline.qat import qat
 
             q = quantize(model, batches, args.qat_calibrator, args.percentile)
             q = qat(q, data, out / "qat", epochs=args.qat_epochs, lr=args.qat_lr, batch_size=128,

@@ -17,22 +17,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from repq.calibration.datasets import load_data
+from repq.calibration.loaders import build_loaders, calibration_set
+from repq.pipeline.commands.finetune import quantized_model
+from repq.pipeline.distributed import init_distributed
+from repq.pipeline.train import evaluate, load_model_checkpoint
+from repq.quant.lsq import LSQQuantizer, weight_quantizer
+from repq.reparam import fuse_model
+from repq.reparam.io import atomic_write_json
 
-from calibration.datasets import load_data  # noqa: E402
-from calibration.loaders import build_loaders, calibration_set  # noqa: E402
-from pipeline.commands.finetune import quantized_model  # noqa: E402
-from pipeline.distributed import init_distributed  # noqa: E402
-from pipeline.train import evaluate, load_model_checkpoint  # noqa: E402
-from quant.lsq import LSQQuantizer, weight_quantizer  # noqa: E402
-from reparam import fuse_model  # noqa: E402
-from reparam.io import atomic_write_json  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @torch.no_grad()

@@ -19,9 +19,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from quant.lsq import quantize_plain_layers
-from quant.repq import wrap_model
-from reparam import create_model, fuse_model
+from repq.quant.lsq import quantize_plain_layers
+from repq.quant.repq import wrap_model
+from repq.reparam import create_model, fuse_model
 
 
 def build(name: str, width: float) -> torch.nn.Module:

@@ -19,18 +19,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from calibration.datasets import load_data  # noqa: E402
-from calibration.loaders import build_loaders  # noqa: E402
-from engines.onnxruntime import OrtEngine  # noqa: E402
-from pipeline.commands.finetune import (  # noqa: E402
+from repq.calibration.datasets import load_data
+from repq.calibration.loaders import build_loaders
+from repq.engines.onnxruntime import OrtEngine
+from repq.errors import RepqError
+from repq.pipeline.commands.finetune import (
     distillation_teacher,
     export_quantized,
     finetune,
@@ -38,12 +35,13 @@ from pipeline.commands.finetune import (  # noqa: E402
     recalibrate_bn,
     state_file,
 )
-from pipeline.distributed import init_distributed  # noqa: E402
-from pipeline.train import evaluate, load_model_checkpoint  # noqa: E402
-from quant.lsq import INIT_METHODS  # noqa: E402
-from quant.repq import RepQBlock, conv_batch_stats, estimated_stats, wrap_model  # noqa: E402
-from reparam.errors import RepqError  # noqa: E402
-from reparam.io import atomic_save, atomic_write_json, atomic_write_text, load_checkpoint  # noqa: E402
+from repq.pipeline.distributed import init_distributed
+from repq.pipeline.train import evaluate, load_model_checkpoint
+from repq.quant.lsq import INIT_METHODS
+from repq.quant.repq import RepQBlock, conv_batch_stats, estimated_stats, wrap_model
+from repq.reparam.io import atomic_save, atomic_write_json, atomic_write_text, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LABELS = {"plain": "Plain", "merged": "Merged", "bn": "RepQ-BN", "bnest": "RepQ-BNEst", "repq": "RepQ"}
 

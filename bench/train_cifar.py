@@ -25,12 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from calibration.datasets import load_data  # noqa: E402
-from calibration.loaders import build_loaders, set_loader_epoch  # noqa: E402
-from pipeline.train import (  # noqa: E402
+from repq.calibration.datasets import load_data
+from repq.calibration.loaders import build_loaders, set_loader_epoch
+from repq.pipeline.train import (
     TrainSettings,
     autocast_dtype,
     build_model,
@@ -39,7 +36,9 @@ from pipeline.train import (  # noqa: E402
     train,
     use_channels_last,
 )
-from reparam import fuse_model  # noqa: E402
+from repq.reparam import fuse_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
 MODELS = ("repvgg_a0", "qarepvgg_a0")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from reparam.errors import RepqError
+from repq.errors import RepqError
 
 PERCENTILES = (99.9, 99.99, 99.999)
 

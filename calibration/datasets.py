@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from calibration.transforms import PRESETS, Preset, augment_batch, file_transform, normalize_batch
-from reparam.errors import RepqError
-from reparam.io import atomic_write_bytes
+from repq.calibration.transforms import PRESETS, Preset, augment_batch, file_transform, normalize_batch
+from repq.errors import RepqError
+from repq.reparam.io import atomic_write_bytes
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff"}
 DIGITS = "digits"

@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from calibration.datasets import ImageData, ImageSet, collate_batch, load_data
-from calibration.sr import SRData
-from reparam.errors import RepqError
+from repq.calibration.datasets import ImageData, ImageSet, collate_batch, load_data
+from repq.calibration.sr import SRData
+from repq.errors import RepqError
 
 
 def _world() -> tuple[int, int]:

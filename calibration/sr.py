@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from calibration.datasets import IMAGE_SUFFIXES, decode_image, mix_seed
-from reparam.errors import RepqError
+from repq.calibration.datasets import IMAGE_SUFFIXES, decode_image, mix_seed
+from repq.errors import RepqError
 
 TASK = "super_resolution"
 

@@ -45,9 +45,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from engines.targets import get_target
-from reparam.errors import RepqError
-from reparam.io import atomic_write_bytes
+from repq.engines.targets import get_target
+from repq.errors import RepqError
+from repq.reparam.io import atomic_write_bytes
 
 MIN_OPSET = 13  # QuantizeLinear/DequantizeLinear gained `axis` (per-channel) in opset 13
 DEFAULT_OPSET = 17

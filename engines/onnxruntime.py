@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.timing import LatencyStats, latency_stats, score, time_calls
-from reparam.errors import RepqError
+from repq.engines.timing import LatencyStats, latency_stats, score, time_calls
+from repq.errors import RepqError
 
 
 def _ort():

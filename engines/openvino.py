@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.timing import LatencyStats, latency_stats, score, time_calls
-from reparam.errors import RepqError
+from repq.engines.timing import LatencyStats, latency_stats, score, time_calls
+from repq.errors import RepqError
 
 # Layer types of the compiled CPU graph that do the arithmetic; INT8 coverage is counted over these.
 COMPUTE_LAYER_TYPES = frozenset(

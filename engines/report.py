@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from engines.timing import quality_key
-from reparam.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from repq.engines.timing import quality_key
+from repq.reparam.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 LADDER_STEPS: dict[str, str] = {
     "train": "train-form FP32 (PyTorch)",
@@ -172,7 +172,7 @@ def fused_conv_weights(checkpoint: dict) -> tuple[str, dict[str, np.ndarray]]:
     """(model name, conv weights of its deploy form) from a repq checkpoint; a train-form one is fused."""
     arch = checkpoint.get("arch")
     if isinstance(arch, dict) and "state_dict" in checkpoint and not arch.get("deploy"):
-        from reparam import fuse_model, model_from_arch
+        from repq.reparam import fuse_model, model_from_arch
 
         model = model_from_arch(arch)
         model.load_state_dict(checkpoint["state_dict"])

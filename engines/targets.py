@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-from reparam.errors import RepqError
+from repq.errors import RepqError
 
 PLACEMENTS = ("tensorrt", "onnxruntime")
 

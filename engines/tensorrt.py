@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.timing import LatencyStats, cuda_event_times, latency_stats, score, speedup
-from reparam.errors import RepqError
-from reparam.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from repq.engines.timing import LatencyStats, cuda_event_times, latency_stats, score, speedup
+from repq.errors import RepqError
+from repq.reparam.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 MIN_VERSION = (8, 6)  # execute_async_v3, tensor addresses and Q/DQ explicit quantization
 PRECISIONS = ("int8", "fp16")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from reparam.errors import RepqError
+from repq.errors import RepqError
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engines.timing import LatencyStats, cuda_event_times, latency_stats, score
-from reparam.errors import RepqError
+from repq.engines.timing import LatencyStats, cuda_event_times, latency_stats, score
+from repq.errors import RepqError
 
 DTYPES = ("fp16", "fp32")
 

@@ -10,23 +10,24 @@ import argparse
 import importlib
 import sys
 
-from reparam.errors import RepqError
+from repq.errors import RepqError
 
 # name -> (module, one-line help). The module is imported only when its command runs.
+_PKG = "repq.pipeline.commands"
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("pipeline.commands.run", "run a recipe: re-param training to INT8 engines and a report, resumable"),
-    "recipe": ("pipeline.commands.recipe", "check a recipe and print it with every default (--show)"),
-    "train": ("pipeline.commands.train", "train a re-param model in full precision (resumable, torchrun-ready)"),
-    "substitute": ("pipeline.commands.substitute", "RepVGG blocks -> QARepVGG blocks, then training with plain L2"),
-    "ptq": ("pipeline.commands.ptq", "post-training INT8 quantization with NVIDIA's toolkit (ModelOpt)"),
-    "qat": ("pipeline.commands.qat", "fine-tune a quantized model with its fake quantizers (toolkit QAT)"),
-    "finetune": ("pipeline.commands.finetune", "RepQ fine-tuning through each block's merged kernel (repq/bn/bnest)"),
-    "export": ("pipeline.commands.export", "write the QDQ ONNX file of a quantized model for one engine target"),
-    "engine": ("pipeline.commands.engine", "run an ONNX file on ONNX Runtime: accuracy on the engine, latency, FPS"),
-    "bench": ("pipeline.commands.bench", "latency and throughput of ONNX files on the CPU engines"),
-    "eval": ("pipeline.commands.eval", "top-1/top-5 (or PSNR) of a checkpoint, ONNX file or engine on any folder"),
-    "report": ("pipeline.commands.report", "render a run folder's report.md, report.html and metrics.json again"),
-    "models": ("pipeline.commands.models", "list the model zoo, or check that a model fuses exactly"),
+    "run": (f"{_PKG}.run", "run a recipe: re-param training to INT8 engines and a report, resumable"),
+    "recipe": (f"{_PKG}.recipe", "check a recipe and print it with every default (--show)"),
+    "train": (f"{_PKG}.train", "train a re-param model in full precision (resumable, torchrun-ready)"),
+    "substitute": (f"{_PKG}.substitute", "RepVGG blocks -> QARepVGG blocks, then training with plain L2"),
+    "ptq": (f"{_PKG}.ptq", "post-training INT8 quantization with NVIDIA's toolkit (ModelOpt)"),
+    "qat": (f"{_PKG}.qat", "fine-tune a quantized model with its fake quantizers (toolkit QAT)"),
+    "finetune": (f"{_PKG}.finetune", "RepQ fine-tuning through each block's merged kernel (repq/bn/bnest)"),
+    "export": (f"{_PKG}.export", "write the QDQ ONNX file of a quantized model for one engine target"),
+    "engine": (f"{_PKG}.engine", "run an ONNX file on ONNX Runtime: accuracy on the engine, latency, FPS"),
+    "bench": (f"{_PKG}.bench", "latency and throughput of ONNX files on the CPU engines"),
+    "eval": (f"{_PKG}.eval", "top-1/top-5 (or PSNR) of a checkpoint, ONNX file or engine on any folder"),
+    "report": (f"{_PKG}.report", "render a run folder's report.md, report.html and metrics.json again"),
+    "models": (f"{_PKG}.models", "list the model zoo, or check that a model fuses exactly"),
 }
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from reparam.errors import RepqError
+from repq.errors import RepqError
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from torch import nn
 
-from quant.toolkit import load_state_strict, save_quantized
-from reparam.errors import RepqError
-from reparam.io import atomic_write_text, load_checkpoint
+from repq.errors import RepqError
+from repq.quant.toolkit import load_state_strict, save_quantized
+from repq.reparam.io import atomic_write_text, load_checkpoint
 
 
 def qat(
@@ -42,11 +42,19 @@ def qat(
     """
     import torch
 
-    from calibration.datasets import ImageData, load_data
-    from calibration.loaders import build_loaders, set_loader_epoch
-    from calibration.sr import SRData
-    from pipeline.distributed import barrier, close_distributed, init_distributed
-    from pipeline.train import TrainSettings, _train_epoch, _wrap, evaluate, make_optimizer, metric_key, warmup_cosine
+    from repq.calibration.datasets import ImageData, load_data
+    from repq.calibration.loaders import build_loaders, set_loader_epoch
+    from repq.calibration.sr import SRData
+    from repq.pipeline.distributed import barrier, close_distributed, init_distributed
+    from repq.pipeline.train import (
+        TrainSettings,
+        _train_epoch,
+        _wrap,
+        evaluate,
+        make_optimizer,
+        metric_key,
+        warmup_cosine,
+    )
 
     if not any(hasattr(m, "weight_quantizer") for m in model.modules()):
         raise RepqError("QAT needs a fake-quantized model: run quant.toolkit.quantize on it first")

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from reparam.errors import RepqError
+from repq.errors import RepqError
 
 STAGE_ORDER = ("train", "substitute", "ptq", "qat", "repq", "export", "engine", "bench", "report")
 ENGINE_TARGETS = ("onnxruntime", "tensorrt", "openvino")
@@ -96,7 +96,7 @@ class _ProvisionalTrainSettings(StageSettings):
 
 def _train_stage_settings() -> type[StageSettings]:
     try:
-        from pipeline.train import TrainSettings as Full
+        from repq.pipeline.train import TrainSettings as Full
     except ImportError:
         return _ProvisionalTrainSettings
     fields = {name: (field.annotation, field) for name, field in Full.model_fields.items()
@@ -414,18 +414,18 @@ def stage_names() -> tuple[str, ...]:
 def load_recipe_data(spec: DataSpec):
     """The recipe's data: an ImageData (classification) or SRData (super-resolution)."""
     if spec.task == "super_resolution":
-        from calibration.sr import load_sr_data
+        from repq.calibration.sr import load_sr_data
 
         return load_sr_data(spec.source, spec.val_source, spec.scale, patch=spec.patch,
                             per_image=spec.patches_per_image, seed=spec.split_seed)
-    from calibration.datasets import load_data
+    from repq.calibration.datasets import load_data
 
     return load_data(spec.source, preset=spec.preset, val_size=spec.val_size, seed=spec.split_seed)
 
 
 def train_settings(recipe: Recipe):
     """pipeline.train.TrainSettings for this recipe: the train stage's section plus model, data and seed."""
-    from pipeline.train import TrainSettings as Full
+    from repq.pipeline.train import TrainSettings as Full
 
     if recipe.model.convert is not None:
         raise RepqError(f"model.convert={recipe.model.convert} (re-parametrizing a torchvision CNN) is not wired "

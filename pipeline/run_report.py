@@ -9,9 +9,9 @@ from typing import Any
 def render_run_report(run_dir: str | Path, recipe: Any = None,
                       out_dir: str | Path | None = None) -> dict[str, Path]:
     """Collect a run folder's trusted stages; write the report into ``out_dir`` (default: the run folder)."""
-    from engines.report import collect_run_metrics, fused_conv_weights, read_curve, write_report
-    from pipeline.runfolder import read_run
-    from reparam.io import load_checkpoint
+    from repq.engines.report import collect_run_metrics, fused_conv_weights, read_curve, write_report
+    from repq.pipeline.runfolder import read_run
+    from repq.reparam.io import load_checkpoint
 
     run_dir = Path(run_dir)
     records = read_run(run_dir)

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.stages import StageContext
-from reparam.errors import RepqError
+from repq.errors import RepqError
+from repq.pipeline.stages import StageContext
 
 FLOAT_LABEL = "FP32"
 
@@ -29,7 +29,7 @@ FLOAT_LABEL = "FP32"
 
 @functools.lru_cache(maxsize=4)
 def _load(data_spec: str):
-    from pipeline.recipe import DataSpec, load_recipe_data
+    from repq.pipeline.recipe import DataSpec, load_recipe_data
 
     return load_recipe_data(DataSpec.model_validate_json(data_spec))
 
@@ -39,14 +39,14 @@ def _data(ctx: StageContext):
 
 
 def _val_loader(data):
-    from calibration.loaders import build_loaders
+    from repq.calibration.loaders import build_loaders
 
     return build_loaders(data, min(64, len(data.train)), eval_batch_size=256)[1]
 
 
 def _torch_score(model: torch.nn.Module, loader) -> dict:
     """Top-1/top-5 in PyTorch over the val split (PSNR for super-resolution)."""
-    from engines.timing import score
+    from repq.engines.timing import score
 
     model.eval()
 
@@ -58,7 +58,7 @@ def _torch_score(model: torch.nn.Module, loader) -> dict:
 
 
 def _describe(result: dict) -> str:
-    from engines.timing import quality_key
+    from repq.engines.timing import quality_key
 
     key = quality_key(result)
     return f"PSNR {result[key]:.2f} dB" if key == "psnr" else f"top-1 {result[key]:.2f}%"
@@ -86,7 +86,7 @@ def _last_checkpoint(ctx: StageContext) -> tuple[str, Path, dict]:
 
 
 def _float_ladder(method: str, trained: dict) -> list[dict]:
-    from engines.timing import quality_key
+    from repq.engines.timing import quality_key
 
     key = quality_key(trained)
     return [{"step": "train", "method": method, key: trained[f"val_{key}"]},
@@ -115,8 +115,8 @@ def _trained_result(summary: dict, label: str) -> dict:
 
 
 def train_stage(ctx: StageContext):
-    from pipeline.recipe import train_settings
-    from pipeline.train import train
+    from repq.pipeline.recipe import train_settings
+    from repq.pipeline.train import train
 
     summary = train(train_settings(ctx.recipe), _data(ctx), ctx.dir,
                     resume=ctx.resume and (ctx.dir / "last.pt").exists(), recipe=ctx.recipe.to_dict())
@@ -125,9 +125,9 @@ def train_stage(ctx: StageContext):
 
 def substitute_stage(ctx: StageContext):
     """RepVGG -> QARepVGG blocks (weights carried), then training with plain L2 (the QARepVGG paper's M1)."""
-    from pipeline.recipe import train_settings
-    from pipeline.train import load_model_checkpoint, train
-    from reparam import substitute_qarepvgg
+    from repq.pipeline.recipe import train_settings
+    from repq.pipeline.train import load_model_checkpoint, train
+    from repq.reparam import substitute_qarepvgg
 
     model, _ = load_model_checkpoint(ctx.input("train", "checkpoint"))
     model = substitute_qarepvgg(model)
@@ -142,9 +142,9 @@ def substitute_stage(ctx: StageContext):
 
 def ptq_stage(ctx: StageContext):
     """ModelOpt PTQ of every trained checkpoint with every calibrator; fake-quant accuracy in PyTorch."""
-    from calibration.loaders import calibration_loader
-    from pipeline.train import load_model_checkpoint
-    from quant.toolkit import quantize, save_quantized
+    from repq.calibration.loaders import calibration_loader
+    from repq.pipeline.train import load_model_checkpoint
+    from repq.quant.toolkit import quantize, save_quantized
 
     s, data = ctx.settings, _data(ctx)
     calib = calibration_loader(data, min(s.calib_size, len(data.train)), seed=ctx.recipe.seed)
@@ -167,8 +167,8 @@ def ptq_stage(ctx: StageContext):
 def qat_stage(ctx: StageContext):
     """Toolkit QAT (the RepQ paper's Merged baseline): fine-tune the PTQ model of the last trained checkpoint,
     ModelOpt's fake quantizers and amax kept, with the training loop (resumable, torchrun-ready)."""
-    from pipeline.qat import qat
-    from quant.toolkit import load_quantized
+    from repq.pipeline.qat import qat
+    from repq.quant.toolkit import load_quantized
 
     s = ctx.settings
     label, _, trained = _last_checkpoint(ctx)
@@ -191,10 +191,10 @@ def qat_stage(ctx: StageContext):
 def repq_stage(ctx: StageContext):
     """RepQ fine-tuning through each block's merged kernel, per mode and bit width (RepQ paper). An interrupted
     attempt keeps the fine-tunes it finished and continues the one it was in from its last saved state."""
-    from calibration.loaders import build_loaders
-    from pipeline.commands.finetune import FORMAT, distillation_teacher, finetune, quantized_model, rebuild
-    from pipeline.train import load_model_checkpoint
-    from reparam.io import atomic_save, load_checkpoint
+    from repq.calibration.loaders import build_loaders
+    from repq.pipeline.commands.finetune import FORMAT, distillation_teacher, finetune, quantized_model, rebuild
+    from repq.pipeline.train import load_model_checkpoint
+    from repq.reparam.io import atomic_save, load_checkpoint
 
     s, data = ctx.settings, _data(ctx)
     label, path, trained = _last_checkpoint(ctx)
@@ -225,21 +225,21 @@ def repq_stage(ctx: StageContext):
 
 
 def _load_quantized_model(kind: str, path: Path) -> torch.nn.Module:
-    from pipeline.commands.finetune import rebuild
-    from quant.toolkit import load_quantized
-    from reparam.io import load_checkpoint
+    from repq.pipeline.commands.finetune import rebuild
+    from repq.quant.toolkit import load_quantized
+    from repq.reparam.io import load_checkpoint
 
     return load_quantized(path) if kind == "toolkit" else rebuild(load_checkpoint(path))
 
 
 def export_stage(ctx: StageContext):
     """QDQ ONNX per quantized model and per placement, plus the fused FP32 model as the engines' reference."""
-    from engines.export import export_float
-    from engines.targets import get_target
-    from pipeline.commands.finetune import export_quantized
-    from pipeline.train import load_model_checkpoint
-    from quant.toolkit import deploy_copy
-    from reparam.io import atomic_write_bytes
+    from repq.engines.export import export_float
+    from repq.engines.targets import get_target
+    from repq.pipeline.commands.finetune import export_quantized
+    from repq.pipeline.train import load_model_checkpoint
+    from repq.quant.toolkit import deploy_copy
+    from repq.reparam.io import atomic_write_bytes
 
     s, data = ctx.settings, _data(ctx)
     shape, dynamic_size = data.input_shape, data.task == "super_resolution"
@@ -262,7 +262,7 @@ def export_stage(ctx: StageContext):
                 export_quantized(model, ctx.path(file), placement, shape, opset=s.opset,
                                  dynamic_batch=s.dynamic_batch, dynamic_size=dynamic_size)
             else:
-                from engines.export import export_onnx
+                from repq.engines.export import export_onnx
 
                 export_onnx(model, ctx.path(file), placement, shape, opset=s.opset, dynamic_batch=s.dynamic_batch,
                             dynamic_size=dynamic_size)
@@ -279,7 +279,7 @@ def _bits(method: str) -> int:
 def _add_metadata(path: Path, data_json: str) -> None:
     import onnx
 
-    from reparam.io import atomic_write_bytes
+    from repq.reparam.io import atomic_write_bytes
 
     graph = onnx.load(str(path))
     graph.metadata_props.add(key="repq.data", value=data_json)
@@ -294,7 +294,7 @@ def _engine_runs(ctx: StageContext) -> tuple[list[tuple[Path, dict, str, bool]],
     on a GPU machine (bench/engines.py). So are OpenVINO's INT8 runs on a CPU whose INT8 kernels it computes
     inexactly (`engines.openvino.openvino_int8_problem`).
     """
-    from engines.targets import get_target
+    from repq.engines.targets import get_target
 
     export = ctx.upstream.get("export")
     if export is None:
@@ -316,7 +316,7 @@ def _engine_runs(ctx: StageContext) -> tuple[list[tuple[Path, dict, str, bool]],
 
 
 def _openvino_int8_problem() -> str | None:
-    from engines.openvino import openvino_available, openvino_int8_problem
+    from repq.engines.openvino import openvino_available, openvino_int8_problem
 
     return None if openvino_available() else openvino_int8_problem()  # not installed: open_engine says so
 
@@ -324,11 +324,11 @@ def _openvino_int8_problem() -> str | None:
 def open_engine(path: str | Path, target: str, threads: int | None = None):
     """A CPU engine on an ONNX file: onnxruntime or openvino (TensorRT needs a GPU: engines/tensorrt.py)."""
     if target == "onnxruntime":
-        from engines.onnxruntime import OrtEngine
+        from repq.engines.onnxruntime import OrtEngine
 
         return OrtEngine(path, threads=threads)
     if target == "openvino":
-        from engines.openvino import OpenVinoEngine
+        from repq.engines.openvino import OpenVinoEngine
 
         return OpenVinoEngine(path, threads=threads)
     raise RepqError(f"engine target {target} is not a CPU engine: build TensorRT engines with engines/tensorrt.py "

@@ -35,11 +35,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline import stages as stage_registry
-from pipeline.recipe import STAGE_ORDER, Recipe, _suggest, settings_hash
-from pipeline.stages import Stage, StageContext, StageRecord, as_result
-from reparam.errors import RepqError
-from reparam.io import atomic_write_json, atomic_write_text
+from repq.errors import RepqError
+from repq.pipeline import stages as stage_registry
+from repq.pipeline.recipe import STAGE_ORDER, Recipe, _suggest, settings_hash
+from repq.pipeline.stages import Stage, StageContext, StageRecord, as_result
+from repq.reparam.io import atomic_write_json, atomic_write_text
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -252,7 +252,7 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, from_stage: str | None = N
                 _lead(recipe, run_dir, stages, from_stage, summary, world, log)
                 if recipe.stages.report.enabled:
                     if render_report is None:
-                        from pipeline.run_report import render_run_report as render_report
+                        from repq.pipeline.run_report import render_run_report as render_report
                     render_report(run_dir, recipe)
         else:
             _follow(recipe, run_dir, stages, summary, world)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.recipe import STAGE_ORDER, Recipe, StageSettings
-from reparam.errors import RepqError
+from repq.errors import RepqError
+from repq.pipeline.recipe import STAGE_ORDER, Recipe, StageSettings
 
 
 @dataclass
@@ -152,4 +152,4 @@ for _name, _needs, _distributed in (
     ("engine", ("export",), False),
     ("bench", ("export",), False),
 ):
-    register(_name, f"pipeline.run_stages:{_name}_stage", needs=_needs, distributed=_distributed)
+    register(_name, f"repq.pipeline.run_stages:{_name}_stage", needs=_needs, distributed=_distributed)

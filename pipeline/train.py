@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from calibration.datasets import ImageData, check_finite, load_data
-from calibration.loaders import build_loaders, set_loader_epoch
-from calibration.sr import SRData
-from engines.timing import quality_key
-from pipeline.distributed import (
+from repq.calibration.datasets import ImageData, check_finite, load_data
+from repq.calibration.loaders import build_loaders, set_loader_epoch
+from repq.calibration.sr import SRData
+from repq.engines.timing import quality_key
+from repq.errors import RepqError
+from repq.pipeline.distributed import (
     DistContext,
     all_reduce_sum,
     barrier,
@@ -37,8 +38,7 @@ from pipeline.distributed import (
     init_distributed,
     sync_batchnorm,
 )
-from reparam.errors import RepqError
-from reparam.io import atomic_save, atomic_write_text, load_checkpoint
+from repq.reparam.io import atomic_save, atomic_write_text, load_checkpoint
 
 CHECKPOINT_VERSION = 1
 
@@ -95,7 +95,7 @@ class TrainSettings(BaseModel):
 
 
 def build_model(settings: TrainSettings, num_classes: int, cifar: bool) -> nn.Module:
-    from reparam import create_model
+    from repq.reparam import create_model
 
     kwargs = {"num_classes": num_classes, "cifar": cifar, **settings.model_kwargs}
     if settings.width_mult is not None:
@@ -107,7 +107,7 @@ def build_model_for(settings: TrainSettings, data: ImageData | SRData) -> nn.Mod
     """The model `settings` names, shaped for `data`: its classes (and cifar stem for small images), or its
     super-resolution scale."""
     if isinstance(data, SRData):
-        from reparam import create_model
+        from repq.reparam import create_model
 
         return create_model(settings.model, **{"scale": data.scale, **settings.model_kwargs})
     return build_model(settings, data.num_classes, cifar=data.preset.image_size <= 64)
@@ -138,7 +138,7 @@ def load_model_checkpoint(path: str | Path, expect_arch: str | None = None) -> t
     if expect_arch is not None and arch["name"] != expect_arch:
         raise RepqError(f"checkpoint {path} holds a {arch['name']}, not a {expect_arch}: "
                         f"pass a {expect_arch} checkpoint or ask for {arch['name']}")
-    from reparam import model_from_arch
+    from repq.reparam import model_from_arch
 
     model = model_from_arch(arch)
     _load_weights(model, ckpt["state_dict"], path)
@@ -172,7 +172,7 @@ def _check_same_arch(ckpt: dict, model: nn.Module, path: Path) -> None:
 
 def custom_l2_parameters(model: nn.Module) -> set[int]:
     """ids of the parameters RepVGG's custom L2 regularises (found from its gradient, not from names)."""
-    from reparam import custom_l2
+    from repq.reparam import custom_l2
 
     params = [p for p in model.parameters() if p.requires_grad]
     term = custom_l2(model)
@@ -219,7 +219,7 @@ def regularizer(model: nn.Module, settings: TrainSettings) -> torch.Tensor | flo
     """RepVGG's custom L2 enters the loss (as in its code: 0.5 * wd * L2); plain L2 is in the optimizer."""
     if settings.l2 != "custom" or settings.weight_decay == 0:
         return 0.0
-    from reparam import custom_l2
+    from repq.reparam import custom_l2
 
     return 0.5 * settings.weight_decay * custom_l2(model)
 
@@ -340,7 +340,7 @@ def _self_scored(model: nn.Module, loader, ctx: DistContext, reference: nn.Modul
 
 def evaluate_with_deploy(model: nn.Module, loader, ctx: DistContext, channels_last: bool) -> dict:
     """Score the train-form model and its fused deploy form; they must agree (printed as a sanity check)."""
-    from reparam import fuse_model
+    from repq.reparam import fuse_model
 
     plain = _plain_copy(model)
     deploy_form = evaluate(fuse_model(plain), loader, ctx, channels_last, reference=plain)  # fuses a copy
@@ -374,7 +374,7 @@ def _dtype_of(model: nn.Module) -> torch.dtype:
 
 def _plain_copy(model: nn.Module) -> nn.Module:
     """A fresh model of the same arch with the same weights: plain BatchNorm2d, no DDP, on the same device."""
-    from reparam import model_from_arch
+    from repq.reparam import model_from_arch
 
     copy = model_from_arch(model.repq_arch)
     copy.load_state_dict(model.state_dict())

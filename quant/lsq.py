@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reparam.errors import RepqError
+from repq.errors import RepqError
 
 INIT_METHODS = ("minerror", "max")
 MIN_BITS, MAX_BITS = 2, 8

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quant.lsq import LSQActQuantizer, LSQConv2d, LSQLinear, quantize_plain_layers, weight_quantizer
-from reparam.errors import RepqError
+from repq.errors import RepqError
+from repq.quant.lsq import LSQActQuantizer, LSQConv2d, LSQLinear, quantize_plain_layers, weight_quantizer
 
 MODES = ("repq", "bn", "bnest")
 Stats = dict[str, tuple[Tensor, Tensor]]

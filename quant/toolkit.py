@@ -22,15 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from calibration.calibrators import (
+from repq.calibration.calibrators import (
     WEIGHT_CFG,
     CalibrationSettings,
     activation_cfg,
     calibrate_histograms,
     settings,
 )
-from reparam.errors import RepqError
-from reparam.io import atomic_save, load_checkpoint
+from repq.errors import RepqError
+from repq.reparam.io import atomic_save, load_checkpoint
 
 FORMAT = "repq-toolkit-quant/1"
 QUANTIZED_TYPES = (nn.Conv2d, nn.Linear)
@@ -79,7 +79,7 @@ def deploy_copy(model: nn.Module, fuse: bool = True) -> nn.Module:
     """A deep copy in deploy form (every re-param block fused into one conv) unless `fuse=False`."""
     if not fuse:
         return copy.deepcopy(model)
-    from reparam import fuse_model
+    from repq.reparam import fuse_model
 
     return fold_batchnorm(fuse_model(model))
 
@@ -178,7 +178,7 @@ def load_quantized(path: str | Path, model: nn.Module | None = None) -> nn.Modul
         arch = ckpt.get("arch")
         if not arch:
             raise RepqError(f"{path} records no model architecture: pass the float model to load_quantized")
-        from reparam import create_model
+        from repq.reparam import create_model
 
         model = create_model(arch["name"], **arch.get("kwargs", {}))
         model = deploy_copy(model, quant.get("fused", True))

@@ -1,7 +1,11 @@
 """Re-param blocks that fuse exactly into one conv, the model zoo, conversion and substitution."""
 
-from reparam.block import BNTap, ReparamBlock
-from reparam.blocks import (
+if not __name__.startswith("repq."):  # one module, one name: `reparam` alone would load a second copy
+    raise ImportError(f"import repq.reparam, not {__name__}: repq installs one namespace, `repq`")
+
+from repq.errors import RepqError
+from repq.reparam.block import BNTap, ReparamBlock
+from repq.reparam.blocks import (
     BLOCKS,
     ACBlock,
     DBBlock,
@@ -11,9 +15,8 @@ from reparam.blocks import (
     QARepVGGBlock,
     RepVGGBlock,
 )
-from reparam.convert import convert_convs, fuse_model, substitute_qarepvgg
-from reparam.errors import RepqError
-from reparam.models import create_model, custom_l2, is_super_resolution, list_models, model_doc, model_from_arch
+from repq.reparam.convert import convert_convs, fuse_model, substitute_qarepvgg
+from repq.reparam.models import create_model, custom_l2, is_super_resolution, list_models, model_doc, model_from_arch
 
 __all__ = [
     "BLOCKS", "ACBlock", "BNTap", "DBBlock", "ECBlock", "OREPABlock", "PlainBlock", "QARepVGGBlock", "RepVGGBlock",

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reparam.errors import RepqError
-from reparam.kernels import Kernel, bn_fold
+from repq.errors import RepqError
+from repq.reparam.kernels import Kernel, bn_fold
 
 BNStats = dict[str, tuple[Tensor, Tensor]]
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reparam.block import BNStats, BNTap, ConvBN, PointwiseConv, ReparamBlock, copy_bn, silence_bn, stats_for
-from reparam.errors import RepqError
-from reparam.kernels import (
+from repq.errors import RepqError
+from repq.reparam.block import BNStats, BNTap, ConvBN, PointwiseConv, ReparamBlock, copy_bn, silence_bn, stats_for
+from repq.reparam.kernels import (
     Kernel,
     avg_kernel,
     bn_fold,

@@ -7,9 +7,9 @@ import copy
 import torch
 from torch import nn
 
-from reparam.block import ReparamBlock
-from reparam.blocks import BLOCKS, QARepVGGBlock, RepVGGBlock
-from reparam.errors import RepqError
+from repq.errors import RepqError
+from repq.reparam.block import ReparamBlock
+from repq.reparam.blocks import BLOCKS, QARepVGGBlock, RepVGGBlock
 
 CONVERTIBLE = ("acb", "dbb", "orepa", "repvgg", "plain")
 

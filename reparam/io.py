@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from reparam.errors import RepqError
+from repq.errors import RepqError
 
 
 def _atomic_write(path: str | os.PathLike, write) -> Path:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reparam.blocks import ECBlock, PlainBlock, QARepVGGBlock, RepVGGBlock
-from reparam.convert import convert_convs, substitute_qarepvgg
-from reparam.errors import RepqError
+from repq.errors import RepqError
+from repq.reparam.blocks import ECBlock, PlainBlock, QARepVGGBlock, RepVGGBlock
+from repq.reparam.convert import convert_convs, substitute_qarepvgg
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.repq import wrap_model
-from reparam.io import atomic_save
-from reparam.models import create_model
+from repq.quant.repq import wrap_model
+from repq.reparam.io import atomic_save
+from repq.reparam.models import create_model
 
 SPEC = importlib.util.spec_from_file_location("repq_table", Path(__file__).parents[1] / "bench" / "repq_table.py")
 repq_table = importlib.util.module_from_spec(SPEC)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize_bn, rel_err, warm_bn
 
-from reparam import BLOCKS, RepqError, RepVGGBlock
-from reparam.blocks import ECBlock
+from repq.reparam import BLOCKS, RepqError, RepVGGBlock
+from repq.reparam.blocks import ECBlock
 
 GEOMETRIES = [dict(stride=1, groups=1), dict(stride=2, groups=1), dict(stride=1, groups=2),
               dict(stride=2, groups=4), dict(stride=1, groups=8)]
@@ -157,7 +157,7 @@ def test_strided_1x1_branches_subsample_first_and_match_a_strided_conv(name):
     """A strided RGB 1x1 branch on a channels-last batch is the case whose weight gradient hangs or crashes
     oneDNN's strided kernel (AVX2); PointwiseConv subsamples, then runs the stride-1 kernel. Reference: a plain
     strided conv on a contiguous NCHW copy (another kernel), same forward and gradients."""
-    from reparam.block import PointwiseConv
+    from repq.reparam.block import PointwiseConv
 
     torch.manual_seed(0)
     block = BLOCKS[name](3, 16, 3, stride=2).train()  # 3 input channels: the subsampling path

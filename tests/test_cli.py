@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.recipe import load_recipe, validate_recipe
-from reparam.errors import RepqError
+from repq.errors import RepqError
+from repq.pipeline.recipe import load_recipe, validate_recipe
 
 
 def call(module_name: str, argv: list[str]) -> int:
     import importlib
 
-    module = importlib.import_module(f"pipeline.commands.{module_name}")
+    module = importlib.import_module(f"repq.pipeline.commands.{module_name}")
     parser = argparse.ArgumentParser(prog=f"repq {module_name}")
     module.add_arguments(parser)
     return module.run(parser.parse_args(argv))
@@ -39,7 +39,7 @@ def test_recipe_show_prints_the_resolved_recipe(capsys):
 def _toy_train(ctx):
     import torch
 
-    from reparam.io import atomic_save
+    from repq.reparam.io import atomic_save
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3))
@@ -62,7 +62,7 @@ def _toy_engine(ctx):
 
 
 def test_run_then_rerun_is_cached_and_the_report_is_in_the_run_folder(tmp_path, monkeypatch, capsys):
-    from pipeline import stages
+    from repq.pipeline import stages
 
     monkeypatch.setattr(stages, "REGISTRY", {})
     stages.register("train", _toy_train, needs=())
@@ -99,9 +99,9 @@ def classifier(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from PIL import Image
 
-    from calibration.transforms import PRESETS
-    from reparam import create_model
-    from reparam.io import atomic_save
+    from repq.calibration.transforms import PRESETS
+    from repq.reparam import create_model
+    from repq.reparam.io import atomic_save
 
     root = tmp_path_factory.mktemp("eval")
     torch.manual_seed(0)
@@ -205,8 +205,8 @@ def test_eval_super_resolution_psnr_matches_a_direct_computation(tmp_path, capsy
     torch = pytest.importorskip("torch")
     from PIL import Image
 
-    from reparam import create_model
-    from reparam.io import atomic_save
+    from repq.reparam import create_model
+    from repq.reparam.io import atomic_save
 
     # A deploy-form ECBSR whose last conv is zero outputs the nearest-neighbour upscale of its input (its
     # residual path), a model whose PSNR this test can compute by itself.
@@ -244,10 +244,10 @@ def test_finetune_scores_on_the_checkpoints_own_val_split(tmp_path):
     """`repq finetune` without --val-size evaluates on the split the checkpoint trained with (digits: its val
     share and split seed), not on a fixed count that the default data may not even have."""
     torch = pytest.importorskip("torch")
-    from calibration.datasets import load_data
-    from calibration.loaders import build_loaders
-    from reparam import create_model
-    from reparam.io import atomic_save
+    from repq.calibration.datasets import load_data
+    from repq.calibration.loaders import build_loaders
+    from repq.reparam import create_model
+    from repq.reparam.io import atomic_save
 
     torch.manual_seed(0)
     model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125).eval()
@@ -270,8 +270,8 @@ def test_finetune_on_cuda_without_a_gpu_is_a_one_line_error(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the refusal path cannot run")
-    from reparam import create_model
-    from reparam.io import atomic_save
+    from repq.reparam import create_model
+    from repq.reparam.io import atomic_save
 
     model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125)
     atomic_save({"arch": model.repq_arch, "state_dict": model.state_dict()}, tmp_path / "best.pt")
@@ -285,9 +285,9 @@ def test_finetune_killed_mid_run_resumes_with_resume_to_the_same_model(tmp_path,
     without --resume refuses to overwrite it, one with --resume writes the repq.pt an uninterrupted run
     writes (bit-exact) and removes the state."""
     torch = pytest.importorskip("torch")
-    from pipeline.commands import finetune as finetune_module
-    from reparam import create_model
-    from reparam.io import atomic_save
+    from repq.pipeline.commands import finetune as finetune_module
+    from repq.reparam import create_model
+    from repq.reparam.io import atomic_save
 
     torch.manual_seed(0)
     model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125).eval()
@@ -333,8 +333,8 @@ def test_finetune_start_from_continues_the_saved_state_and_refuses_other_setting
     correction are not re-measured). A fresh run with the same settings ends elsewhere: the load is what
     carries the state. Other widths get a one-line error."""
     torch = pytest.importorskip("torch")
-    from reparam import create_model
-    from reparam.io import atomic_save
+    from repq.reparam import create_model
+    from repq.reparam.io import atomic_save
 
     torch.manual_seed(0)
     model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125).eval()

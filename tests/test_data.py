@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from calibration import datasets
-from calibration.datasets import check_finite, load_data, scan_image_folder, stratified_split
-from calibration.loaders import build_loaders, calibration_indices, calibration_set, set_loader_epoch
-from calibration.transforms import PRESETS, augment_batch
-from reparam.errors import RepqError
+from repq.calibration import datasets
+from repq.calibration.datasets import check_finite, load_data, scan_image_folder, stratified_split
+from repq.calibration.loaders import build_loaders, calibration_indices, calibration_set, set_loader_epoch
+from repq.calibration.transforms import PRESETS, augment_batch
+from repq.errors import RepqError
 
 CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "cifar10"
 

@@ -11,10 +11,10 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from engines.export import LayerQuant, export_onnx
-from engines.onnxruntime import OrtEngine, optimized_op_types
-from quant.toolkit import quantize
-from reparam.errors import RepqError
+from repq.engines.export import LayerQuant, export_onnx
+from repq.engines.onnxruntime import OrtEngine, optimized_op_types
+from repq.errors import RepqError
+from repq.quant.toolkit import quantize
 
 
 def small_cnn(num_classes: int = 10) -> nn.Module:
@@ -37,7 +37,7 @@ class Residual(nn.Module):
 @pytest.fixture(scope="module")
 def digits():
     """The fixed calibration set of the digits data: real images, 512 of them."""
-    from calibration.loaders import calibration_set
+    from repq.calibration.loaders import calibration_set
 
     return calibration_set("digits", 512, seed=0)
 
@@ -166,7 +166,7 @@ def test_onnxruntime_file_gives_layers_with_signed_inputs_uint8_weights_and_its_
 
 
 def test_fused_zoo_model_exports_exactly(digits, tmp_path):
-    from reparam import create_model
+    from repq.reparam import create_model
 
     model = create_model("qarepvgg_a0", num_classes=10, cifar=True, width_mult=0.25).eval()
     q = quantize(model, [(digits[0][:64], digits[1][:64])], "percentile", percentile=99.99)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.lsq import (
+from repq.errors import RepqError
+from repq.quant.lsq import (
     LSQActQuantizer,
     LSQConv2d,
     LSQLinear,
@@ -16,7 +17,6 @@ from quant.lsq import (
     quantize_plain_layers,
     weight_quantizer,
 )
-from reparam.errors import RepqError
 
 
 def _quantizer(bits, signed, step, channels=None):
@@ -171,7 +171,7 @@ def test_quantize_plain_layers_swaps_convs_and_linears_and_trains():
 
 
 def test_a_step_pushed_through_zero_quantizes_with_its_magnitude_and_keeps_a_gradient():
-    from quant.lsq import export_ranges
+    from repq.quant.lsq import export_ranges
 
     weights = torch.tensor([[0.303, -0.417], [0.1231, 0.0507]])
     q = _quantizer(8, True, [0.01, -0.002], channels=2)

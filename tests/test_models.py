@@ -7,7 +7,7 @@ import torch
 import torchvision
 from conftest import randomize_bn, rel_err, warm_bn
 
-from reparam import (
+from repq.reparam import (
     ReparamBlock,
     RepqError,
     convert_convs,

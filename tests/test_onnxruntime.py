@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from engines.export import export_float
-from engines.onnxruntime import OrtEngine
-from reparam.errors import RepqError
+from repq.engines.export import export_float
+from repq.engines.onnxruntime import OrtEngine
+from repq.errors import RepqError
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.openvino import (
+from repq.engines.openvino import (
     INT8_PROBE_TOLERANCE,
     OpenVinoEngine,
     int8_coverage,
@@ -15,7 +15,7 @@ from engines.openvino import (
     openvino_available,
     openvino_int8_problem,
 )
-from reparam.errors import RepqError
+from repq.errors import RepqError
 
 pytestmark = pytest.mark.skipif(openvino_available() is not None, reason=str(openvino_available()))
 
@@ -158,7 +158,7 @@ def test_static_batch_benchmark_and_accuracy(nets, images):
 
 
 def test_coverage_names_fallback_layers():
-    from engines.openvino import LayerPrecision
+    from repq.engines.openvino import LayerPrecision
 
     layers = [
         LayerPrecision("conv1", "Convolution", "u8", ("a",)),
@@ -184,9 +184,9 @@ def test_exported_tensorrt_graph_runs_int8_and_matches_fake_quant(tmp_path):
     """The real path: ModelOpt calibration -> export for the `openvino` target -> OpenVINO."""
     import torch
 
-    from engines.export import export_onnx
-    from engines.targets import get_target
-    from quant.toolkit import quantize
+    from repq.engines.export import export_onnx
+    from repq.engines.targets import get_target
+    from repq.quant.toolkit import quantize
 
     assert get_target("openvino").placement == get_target("tensorrt").placement == "tensorrt"
     torch.manual_seed(0)
@@ -222,9 +222,9 @@ def test_int8_probe_is_exact_for_7_bit_weight_codes_on_every_cpu():
 
 
 def test_int8_files_are_refused_where_the_int8_kernels_are_inexact(nets, images, monkeypatch):
-    import engines.openvino
+    import repq.engines.openvino
 
-    monkeypatch.setattr(engines.openvino, "openvino_int8_problem", lambda: "inexact INT8 kernels here")
+    monkeypatch.setattr(repq.engines.openvino, "openvino_int8_problem", lambda: "inexact INT8 kernels here")
     with pytest.raises(RepqError, match="qdq.onnx: inexact INT8 kernels here"):
         OpenVinoEngine(nets["qdq"], threads=1)
     engine = OpenVinoEngine(nets["fp32"], threads=1)  # float files still run

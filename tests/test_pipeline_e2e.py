@@ -18,7 +18,7 @@ TINY = ["model.width_mult=0.125", "stages.train.epochs=2", "stages.train.max_ste
 
 
 def repq_run(out, *extra):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--out", str(out), *TINY, *extra],
+    return subprocess.run([sys.executable, "-m", "repq", "run", "--out", str(out), *TINY, *extra],
                           capture_output=True, text=True, timeout=900)
 
 

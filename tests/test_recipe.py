@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.recipe import (
+from repq.errors import RepqError
+from repq.pipeline.recipe import (
     EMBEDDED_DEFAULT,
     Recipe,
     load_recipe,
@@ -14,7 +15,6 @@ from pipeline.recipe import (
     settings_hash,
     train_settings,
 )
-from reparam.errors import RepqError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -110,7 +110,7 @@ def test_settings_hash_tracks_settings_not_key_order_or_progress():
 
 
 def test_train_settings_combine_the_stage_with_model_data_and_seed():
-    pytest.importorskip("pipeline.train")
+    pytest.importorskip("repq.pipeline.train")
     recipe = load_recipe(None, ["seed=5", "data.preset=cifar", "stages.train.epochs=2"])
     settings = train_settings(recipe)
     assert (settings.model, settings.width_mult, settings.seed, settings.preset, settings.epochs) == \

@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from engines.report import add_drops, conv_weights, ladder_table, merge_methods, read_curve, write_report
+from repq.engines.report import add_drops, conv_weights, ladder_table, merge_methods, read_curve, write_report
 
 LADDER = [
     {"step": "train", "top1": 90.0}, {"step": "fused", "top1": 90.0},

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.lsq import LSQConv2d, LSQLinear
-from quant.repq import MODES, RepQBlock, estimated_stats, patch_mean, wrap_model
-from reparam import BLOCKS, create_model, fuse_model
-from reparam.errors import RepqError
+from repq.errors import RepqError
+from repq.quant.lsq import LSQConv2d, LSQLinear
+from repq.quant.repq import MODES, RepQBlock, estimated_stats, patch_mean, wrap_model
+from repq.reparam import BLOCKS, create_model, fuse_model
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10" / "train"
 
@@ -284,7 +284,7 @@ def test_wrap_model_refuses_bad_input():
 
 def _ort_vs_torch(model: nn.Module, x: torch.Tensor, path: Path) -> tuple[np.ndarray, np.ndarray]:
     ort = pytest.importorskip("onnxruntime")
-    from pipeline.commands.finetune import export_quantized
+    from repq.pipeline.commands.finetune import export_quantized
 
     model.train()(x)
     model.eval()
@@ -321,7 +321,7 @@ def test_exported_deeper_model_differs_only_by_rounding_boundary_flips(tmp_path)
 
 
 def test_finetune_checkpoint_rebuilds_the_same_quantized_model():
-    from pipeline.commands.finetune import quantized_model, rebuild
+    from repq.pipeline.commands.finetune import quantized_model, rebuild
 
     torch.manual_seed(0)
     float_model = create_model("qarepvgg_a0", num_classes=10, cifar=True, width_mult=0.125)
@@ -363,7 +363,7 @@ def test_bnest_first_batch_calibration_keeps_a_trained_model_the_same_function(p
 
 
 def test_bnest_correction_buffers_survive_a_save_and_rebuild(tmp_path):
-    from pipeline.commands.finetune import rebuild
+    from repq.pipeline.commands.finetune import rebuild
 
     model = create_model("repvgg_a0", num_classes=4, cifar=True, width_mult=0.125)
     wrapped = wrap_model(model, "bnest", 8, 8).train()
@@ -377,7 +377,7 @@ def test_bnest_correction_buffers_survive_a_save_and_rebuild(tmp_path):
 
 
 def test_channel_moments_equal_var_mean_even_with_a_large_offset():
-    from quant.repq import channel_moments
+    from repq.quant.repq import channel_moments
 
     y = torch.randn(8, 5, 7, 6) * torch.tensor([0.01, 1.0, 3.0, 0.5, 2.0]).reshape(1, 5, 1, 1)
     y = y + torch.tensor([50.0, -2.0, 0.0, 10.0, 1.0]).reshape(1, 5, 1, 1)  # mean >> std in channel 0
@@ -392,8 +392,8 @@ def test_channel_moments_equal_var_mean_even_with_a_large_offset():
 def test_plain_models_get_lsq_on_bn_folded_convs_and_rebuild(name, kwargs):
     """The Plain baseline: a model trained without re-param (single conv-BN layers, or torchvision's plain
     ResNet-18) has its BNs folded and LSQ on every conv; with the quantizers off it is the FP model."""
-    from pipeline.commands.finetune import quantized_model, rebuild
-    from quant.lsq import without_quantizers
+    from repq.pipeline.commands.finetune import quantized_model, rebuild
+    from repq.quant.lsq import without_quantizers
 
     torch.manual_seed(0)
     float_model = create_model(name, num_classes=10, cifar=True, **kwargs)
@@ -416,7 +416,7 @@ def test_plain_models_get_lsq_on_bn_folded_convs_and_rebuild(name, kwargs):
 
 
 def test_distillation_loss_is_the_cross_entropy_to_the_fp_model_and_mixes_with_the_labels():
-    from pipeline.commands.finetune import distillation_teacher, finetune_loss
+    from repq.pipeline.commands.finetune import distillation_teacher, finetune_loss
 
     torch.manual_seed(0)
     fp = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125).eval()
@@ -439,7 +439,7 @@ def test_distillation_loss_is_the_cross_entropy_to_the_fp_model_and_mixes_with_t
 def test_bn_recalibration_averages_the_batch_statistics_of_the_final_weights(mode):
     """The stem block reads the image, so its dense BN's statistics can be computed independently: after
     recalibrating over 3 batches, the running mean/var are the plain averages of the 3 batch statistics."""
-    from pipeline.commands.finetune import recalibrate_bn
+    from repq.pipeline.commands.finetune import recalibrate_bn
 
     torch.manual_seed(0)
     model = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125), mode)
@@ -473,7 +473,7 @@ def test_bn_recalibration_averages_the_batch_statistics_of_the_final_weights(mod
 
 
 def test_bn_recalibration_leaves_frozen_statistics_alone():
-    from pipeline.commands.finetune import recalibrate_bn
+    from repq.pipeline.commands.finetune import recalibrate_bn
 
     torch.manual_seed(0)
     model = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125), "repq")
@@ -488,7 +488,7 @@ def test_freezing_bn_makes_the_last_steps_train_the_deploy_kernel(mode):
     """finetune(freeze_bn_at=0.5) over 4 steps: recalibration over 2 batches after step 2, then the running
     statistics stay as recalibrated, a training forward equals the eval forward (the fused deploy model), and
     the steps still move every branch weight, BN affine parameter and quantizer step."""
-    from pipeline.commands.finetune import finetune
+    from repq.pipeline.commands.finetune import finetune
 
     torch.manual_seed(0)
     model = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125), mode, 4, 4)
@@ -521,7 +521,7 @@ def test_freezing_bn_makes_the_last_steps_train_the_deploy_kernel(mode):
 
 def test_training_forward_differs_from_eval_until_bn_is_frozen():
     """The control for the test above: RepQ-BNEst in training merges with batch statistics."""
-    from quant.repq import freeze_bn_statistics
+    from repq.quant.repq import freeze_bn_statistics
 
     torch.manual_seed(0)
     model = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125), "bnest", 4, 4)
@@ -535,8 +535,8 @@ def test_training_forward_differs_from_eval_until_bn_is_frozen():
 
 @pytest.mark.parametrize("method", ["bnest", "merged"])
 def test_weight_init_picks_the_weight_steps_start_and_first_last_layers_keep_their_default(method):
-    from pipeline.commands.finetune import quantized_model
-    from quant.repq import quantized_layers
+    from repq.pipeline.commands.finetune import quantized_model
+    from repq.quant.repq import quantized_layers
 
     def weight_inits(weight_init):
         torch.manual_seed(0)
@@ -551,8 +551,8 @@ def test_weight_init_picks_the_weight_steps_start_and_first_last_layers_keep_the
 
 
 def _digits_finetune_setup():
-    from calibration.datasets import load_data
-    from calibration.loaders import build_loaders
+    from repq.calibration.datasets import load_data
+    from repq.calibration.loaders import build_loaders
 
     torch.manual_seed(0)
     model = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125), "bnest", 4, 4)
@@ -585,7 +585,7 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, kill_at, 
     freeze) and ends bit-exactly where an uninterrupted run ends: same weights, steps, statistics, losses. The
     resumed run takes only the steps after that state (a restart would end there too, so this is what shows it
     continued), plus the freeze's 2 recalibration batches when the state predates the freeze."""
-    from pipeline.commands.finetune import finetune
+    from repq.pipeline.commands.finetune import finetune
 
     settings = dict(epochs=1.5, lr=0.05, recalibrate_batches=2, freeze_bn_at=0.8, save_every=9, log=lambda _: None)
     reference, loader = _digits_finetune_setup()
@@ -613,7 +613,7 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, kill_at, 
 
 
 def test_a_finetune_state_resumes_only_the_same_plan(tmp_path):
-    from pipeline.commands.finetune import finetune
+    from repq.pipeline.commands.finetune import finetune
 
     state = tmp_path / "state.pt"
     model, loader = _digits_finetune_setup()
@@ -635,8 +635,8 @@ def test_a_finetune_on_cuda_follows_the_cpu_one_and_exports(tmp_path):
     """The same 4-bit RepQ-BNEst fine-tune (seeded batches, BN frozen half-way) on the CPU and on CUDA, in
     float32 without TF32: the same losses step by step and the same learned steps and weights, within what
     float summation order moves (a rounding boundary crossed now and then), and the CUDA model exports."""
-    from engines.onnxruntime import OrtEngine
-    from pipeline.commands.finetune import export_quantized, finetune
+    from repq.engines.onnxruntime import OrtEngine
+    from repq.pipeline.commands.finetune import export_quantized, finetune
 
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.commands import finetune as finetune_module
-from pipeline.recipe import RepQSettings, load_recipe
-from pipeline.run_stages import repq_stage
-from pipeline.stages import StageContext, StageRecord
-from reparam import create_model
-from reparam.io import atomic_save
+from repq.pipeline.commands import finetune as finetune_module
+from repq.pipeline.recipe import RepQSettings, load_recipe
+from repq.pipeline.run_stages import repq_stage
+from repq.pipeline.stages import StageContext, StageRecord
+from repq.reparam import create_model
+from repq.reparam.io import atomic_save
 
 SETTINGS = RepQSettings(modes=["bnest"], bits=[8, 4], epochs=0.2, batch_size=64, lr=0.01)
 

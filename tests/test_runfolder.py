@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.recipe import load_recipe
-from pipeline.runfolder import MANIFEST, read_record, read_run, run_pipeline, sha256_file
-from pipeline.stages import register
-from reparam.errors import RepqError
+from repq.errors import RepqError
+from repq.pipeline.recipe import load_recipe
+from repq.pipeline.runfolder import MANIFEST, read_record, read_run, run_pipeline, sha256_file
+from repq.pipeline.stages import register
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,9 +177,9 @@ def test_sigkill_mid_stage_then_rerun_loses_nothing(toy, tmp_path):
     script = textwrap.dedent(f'''
         import sys
         sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT)!r}]
-        from pipeline.recipe import load_recipe
-        from pipeline.runfolder import run_pipeline
-        from pipeline.stages import register
+        from repq.pipeline.recipe import load_recipe
+        from repq.pipeline.runfolder import run_pipeline
+        from repq.pipeline.stages import register
         registry = {{}}
         register("train", "toy_stages:train", needs=(), registry=registry)
         register("ptq", "toy_stages:ptq", needs=("train",), registry=registry)
@@ -223,7 +223,7 @@ def test_sigkill_mid_stage_then_rerun_loses_nothing(toy, tmp_path):
 
 def test_concurrent_run_on_same_folder_is_refused(toy):
     run, run_dir = toy
-    from pipeline.runfolder import run_lock
+    from repq.pipeline.runfolder import run_lock
 
     with run_lock(run_dir), pytest.raises(RepqError, match="in use"):
         run()
@@ -274,9 +274,9 @@ def test_torchrun_ranks_share_one_run_folder(tmp_path):
     script = textwrap.dedent(f'''
         import sys
         sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT)!r}]
-        from pipeline.recipe import load_recipe
-        from pipeline.runfolder import run_pipeline
-        from pipeline.stages import register
+        from repq.pipeline.recipe import load_recipe
+        from repq.pipeline.runfolder import run_pipeline
+        from repq.pipeline.stages import register
         registry = {{}}
         register("train", "dist_toy:train", needs=(), registry=registry, distributed=True)
         register("ptq", "dist_toy:ptq", needs=("train",), registry=registry)

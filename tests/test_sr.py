@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from calibration.loaders import build_loaders, calibration_set
-from calibration.sr import SRPatches, SRValidation, load_sr_data, psnr, sr_pair
-from reparam.errors import RepqError
+from repq.calibration.loaders import build_loaders, calibration_set
+from repq.calibration.sr import SRPatches, SRValidation, load_sr_data, psnr, sr_pair
+from repq.errors import RepqError
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = ROOT / ".." / "shared" / "datasets" / "sr"
@@ -74,8 +74,8 @@ def test_bad_super_resolution_data_gets_one_line_errors(tmp_path):
 
 @needs_sr
 def test_training_raises_psnr_above_the_untrained_model_and_the_deploy_form_agrees(tmp_path):
-    from pipeline.train import TrainSettings, train
-    from reparam import create_model
+    from repq.pipeline.train import TrainSettings, train
+    from repq.reparam import create_model
 
     data = load_sr_data(SR / "Set14", SR / "Set5", 2, patch=24, per_image=8)
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def test_val_set_rejects_a_model_of_the_wrong_scale(tmp_path):
 def test_the_ecbsr_recipe_runs_every_stage_and_reports_psnr_on_the_engine(tmp_path):
     tiny = ["stages.train.epochs=2", "data.patches_per_image=4", "stages.repq.epochs=0.5",
             "stages.bench.batch_sizes=[1,2]", "stages.bench.warmup=1", "stages.bench.iters=3"]
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "recipes" / "ecbsr_x2.yaml"),
+    done = subprocess.run([sys.executable, "-m", "repq", "run", str(ROOT / "recipes" / "ecbsr_x2.yaml"),
                            "--out", str(tmp_path / "run"), *tiny], capture_output=True, text=True, timeout=600,
                           cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -115,7 +115,7 @@ def test_the_ecbsr_recipe_runs_every_stage_and_reports_psnr_on_the_engine(tmp_pa
         assert value == pytest.approx(fp32, abs=0.5), method  # INT8 costs a fraction of a dB
     # The ORT file scored by `repq eval` on Set5 (whole images, dynamic size) matches the engine stage.
     onnx_file = next((tmp_path / "run" / "export").glob("*repq_w8a8*.ort.onnx"))
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", str(onnx_file), "--data",
+    result = subprocess.run([sys.executable, "-m", "repq", "eval", str(onnx_file), "--data",
                              str(SR / "Set5"), "--scale", "2", "--json"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["psnr"] == pytest.approx(engine["ecbsr_m4c8 RepQ-repq W8A8"], abs=1e-3)

@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from engines import tensorrt as trt_engine
-from engines.timing import latency_stats, speedup, time_calls, topk_accuracy
-from reparam.errors import RepqError
+from repq.engines import tensorrt as trt_engine
+from repq.engines.timing import latency_stats, speedup, time_calls, topk_accuracy
+from repq.errors import RepqError
 
 UNAVAILABLE = trt_engine.tensorrt_unavailable_reason()
 needs_tensorrt = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
@@ -258,7 +258,7 @@ def test_entry_points_say_why_in_one_line(tmp_path):
 def test_torch_cuda_reference_without_gpu_says_so():
     import torch
 
-    from engines.torch_cuda import TorchCudaEngine, cuda_unavailable_reason
+    from repq.engines.torch_cuda import TorchCudaEngine, cuda_unavailable_reason
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the refusal path cannot run")
@@ -273,8 +273,8 @@ def test_torch_cuda_reference_without_gpu_says_so():
 def test_torch_cuda_reference_matches_the_cpu_model_and_times_with_and_without_graphs():
     import torch
 
-    from engines.torch_cuda import TorchCudaEngine
-    from reparam import create_model, fuse_model
+    from repq.engines.torch_cuda import TorchCudaEngine
+    from repq.reparam import create_model, fuse_model
 
     model = fuse_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.25)).eval()
     images = np.random.default_rng(3).standard_normal((4, 3, 32, 32)).astype(np.float32)

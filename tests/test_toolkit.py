@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from calibration.calibrators import entropy_amax, mse_amax, settings
-from quant.toolkit import load_quantized, quantize, quantized_layers, save_quantized
-from reparam.errors import RepqError
+from repq.calibration.calibrators import entropy_amax, mse_amax, settings
+from repq.errors import RepqError
+from repq.quant.toolkit import load_quantized, quantize, quantized_layers, save_quantized
 
 
 def tiny_net() -> nn.Module:
@@ -113,7 +113,7 @@ def test_save_and_load_without_recalibrating(tmp_path, max_quantized, calib):
 
 
 def test_zoo_model_is_fused_before_quantizing(calib):
-    from reparam import create_model
+    from repq.reparam import create_model
 
     model = create_model("repvgg_a0", num_classes=5, cifar=True, width_mult=0.25).eval()
     q = quantize(model, calib[:1], "max")
@@ -135,10 +135,10 @@ def test_bad_calibration_input(calib):
 
 
 def test_qat_fine_tunes_with_the_training_loop_and_saves_amax(tmp_path):
-    from calibration.datasets import load_data
-    from calibration.loaders import calibration_loader
-    from pipeline.qat import qat
-    from reparam import create_model
+    from repq.calibration.datasets import load_data
+    from repq.calibration.loaders import calibration_loader
+    from repq.pipeline.qat import qat
+    from repq.reparam import create_model
 
     data = load_data("digits")
     model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125).eval()

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.train import (
+from repq.errors import RepqError
+from repq.pipeline.train import (
     TrainSettings,
     autocast_dtype,
     load_model_checkpoint,
@@ -24,8 +25,7 @@ from pipeline.train import (
     use_channels_last,
     warmup_cosine,
 )
-from reparam import create_model
-from reparam.errors import RepqError
+from repq.reparam import create_model
 
 
 def _free_port() -> int:
@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent("""
     torch.set_num_threads(int(sys.argv[1]))
     if sys.argv[5] == "float64":
         torch.set_default_dtype(torch.float64)  # the model is built in float64; inputs follow it
-    from pipeline.train import TrainSettings, train
+    from repq.pipeline.train import TrainSettings, train
     settings = TrainSettings.model_validate_json(sys.argv[2])
     kill_at = int(sys.argv[4])
     def on_step(epoch, step):
@@ -103,7 +103,7 @@ def test_weight_decay_skips_bn_and_bias_and_what_custom_l2_covers(l2):
 
 
 def test_custom_l2_enters_the_loss_only_when_chosen():
-    from reparam import custom_l2
+    from repq.reparam import custom_l2
 
     model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125)
     assert regularizer(model, TrainSettings(l2="plain")) == 0.0
@@ -193,7 +193,7 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
 
 
 def test_nan_input_stops_training_with_a_clear_error(tmp_path, monkeypatch):
-    from calibration.datasets import ImageSet, load_data
+    from repq.calibration.datasets import ImageSet, load_data
 
     data = load_data("digits")
     real = ImageSet.__getitems__
@@ -211,7 +211,7 @@ def test_nan_input_stops_training_with_a_clear_error(tmp_path, monkeypatch):
 def test_cli_settings_and_errors(tmp_path):
     import argparse
 
-    from pipeline.commands import train as command
+    from repq.pipeline.commands import train as command
 
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)

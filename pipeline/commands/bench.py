@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.run_stages import open_engine
+    from repq.pipeline.run_stages import open_engine
 
     rows = []
     for path in args.onnx:

@@ -21,15 +21,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engines.onnxruntime import OrtEngine
-    from reparam.io import atomic_write_json
+    from repq.engines.onnxruntime import OrtEngine
+    from repq.reparam.io import atomic_write_json
 
     engine = OrtEngine(args.onnx, threads=args.threads)
     result = {"engine": engine.describe()}
     size = engine.input_shape[-1] if engine.input_shape[-1] > 0 else 224
     if args.data:
-        from calibration.datasets import load_data
-        from calibration.loaders import build_loaders
+        from repq.calibration.datasets import load_data
+        from repq.calibration.loaders import build_loaders
 
         data = load_data(args.data, val_size=args.val_size, seed=0)
         size = data.preset.image_size

@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reparam import is_super_resolution
-from reparam.errors import RepqError
+from repq.errors import RepqError
+from repq.reparam import is_super_resolution
 
 PRESET_CHOICES = ("cifar", "imagenet", "digits")
 
@@ -86,7 +86,7 @@ def evaluate_artifact(artifact: str | Path, data: str, *, preset: str | None = N
         scale = scale or record.get("scale")
         if scale is None:
             raise RepqError(f"{path} records no super-resolution scale: pass --scale 2, 3 or 4")
-        from calibration.sr import SRValidation
+        from repq.calibration.sr import SRValidation
 
         score = SRValidation.from_folder(data, int(scale)).score(predict)
         return {"artifact": str(path), "runtime": runtime, "data": str(data), "task": "super_resolution",
@@ -96,7 +96,7 @@ def evaluate_artifact(artifact: str | Path, data: str, *, preset: str | None = N
         raise RepqError(f"{path} records no preprocessing: pass --preset {'|'.join(PRESET_CHOICES)} "
                         "(the preset the model was trained with)")
     loader, images_seen = evaluation_loader(data, preset_name, record.get("classes"), batch_size, workers)
-    from engines.timing import topk_accuracy
+    from repq.engines.timing import topk_accuracy
 
     num_classes = record.get("num_classes") or (len(record["classes"]) if record.get("classes") else None)
     topk = (1, 5) if num_classes is None or num_classes >= 5 else (1,)
@@ -108,13 +108,13 @@ def evaluate_artifact(artifact: str | Path, data: str, *, preset: str | None = N
 def _torch_model(path: Path, fuse: bool, threads: int | None):
     import torch
 
-    from pipeline.train import load_model_checkpoint
+    from repq.pipeline.train import load_model_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
     model, checkpoint = load_model_checkpoint(path)
     if fuse:
-        from reparam import fuse_model
+        from repq.reparam import fuse_model
 
         model = fuse_model(model)
     model.eval()
@@ -140,18 +140,18 @@ def _onnx_model(path: Path, engine: str, threads: int | None):
         raise RepqError(f"{path} is not a readable ONNX file ({type(err).__name__}): re-export it") from err
     record = _json_or_empty(meta.get("repq.data"))
     if engine == "openvino":
-        from engines.openvino import OpenVinoEngine
+        from repq.engines.openvino import OpenVinoEngine
 
         runner = OpenVinoEngine(path, threads=threads)
     else:
-        from engines.onnxruntime import OrtEngine
+        from repq.engines.onnxruntime import OrtEngine
 
         runner = OrtEngine(path, threads=threads)
     return runner, record, engine
 
 
 def _tensorrt_model(path: Path):
-    from engines.tensorrt import TensorRTEngine, tensorrt_unavailable_reason
+    from repq.engines.tensorrt import TensorRTEngine, tensorrt_unavailable_reason
 
     reason = tensorrt_unavailable_reason()
     if reason:
@@ -184,7 +184,7 @@ def evaluation_loader(data: str, preset_name: str, classes: list[str] | None, ba
     import numpy as np
     import torch
 
-    from calibration.datasets import (
+    from repq.calibration.datasets import (
         DIGITS,
         ImageSet,
         ImageSource,
@@ -192,7 +192,7 @@ def evaluation_loader(data: str, preset_name: str, classes: list[str] | None, ba
         load_data,
         scan_image_folder,
     )
-    from calibration.transforms import PRESETS
+    from repq.calibration.transforms import PRESETS
 
     if preset_name not in PRESETS:
         raise RepqError(f"unknown preset {preset_name!r}: use one of {', '.join(PRESETS)}")

@@ -9,7 +9,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from engines.targets import TARGETS
+    from repq.engines.targets import TARGETS
 
     parser.add_argument("--quantized", required=True, help="output of `repq ptq` or `repq qat` (last.pt/best.pt)")
     parser.add_argument("--target", default="onnxruntime", choices=sorted(TARGETS))
@@ -22,10 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from engines.export import export_onnx
-    from engines.targets import get_target
-    from quant.toolkit import load_quantized
-    from reparam.io import load_checkpoint
+    from repq.engines.export import export_onnx
+    from repq.engines.targets import get_target
+    from repq.quant.toolkit import load_quantized
+    from repq.reparam.io import load_checkpoint
 
     extra = load_checkpoint(args.quantized).get("extra", {})
     size = args.image_size or extra.get("data", {}).get("image_size") or 224

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.lsq import INIT_METHODS
-from reparam.errors import RepqError
+from repq.errors import RepqError
+from repq.quant.lsq import INIT_METHODS
 
 METHODS = ("repq", "bn", "bnest", "merged")
 FORMAT = "repq-finetune/1"
@@ -85,10 +85,10 @@ def quantized_model(float_model: nn.Module, method: str, w_bits: int, a_bits: in
     """The model to fine-tune: RepQ-wrapped blocks, or (merged) LSQ on the fused convs. ``init``: how the
     activation steps start, on the first batch (quant.lsq.INIT_METHODS); ``weight_init``: the weight steps
     (None: by bit width, quant.lsq.weight_quantizer)."""
-    from quant.lsq import quantize_plain_layers
-    from quant.repq import raise_first_last_bits, sign_first_input, wrap_model
-    from quant.toolkit import fold_batchnorm
-    from reparam import fuse_model
+    from repq.quant.lsq import quantize_plain_layers
+    from repq.quant.repq import raise_first_last_bits, sign_first_input, wrap_model
+    from repq.quant.toolkit import fold_batchnorm
+    from repq.reparam import fuse_model
 
     if method not in METHODS:
         raise RepqError(f"unknown fine-tuning method {method!r}: use one of {', '.join(METHODS)}")
@@ -112,7 +112,7 @@ def quantized_model(float_model: nn.Module, method: str, w_bits: int, a_bits: in
 
 def rebuild(ckpt: dict) -> nn.Module:
     """The fine-tuned model of a DIR/repq.pt payload, weights and steps loaded."""
-    from reparam import model_from_arch
+    from repq.reparam import model_from_arch
 
     quant = ckpt["quant"]
     method = quant.get("mode", quant["method"]) if quant["method"] == "repq" else quant["method"]
@@ -130,7 +130,7 @@ _CONTINUE_KEYS = ("method", "mode", "w_bits", "a_bits", "act_signed", "first_las
 def load_finetuned(model: nn.Module, path: str | Path, arch: dict) -> None:
     """Load a previous fine-tune's DIR/repq.pt into ``model`` (built from the checkpoint of ``arch`` with the
     same method and widths), so a fine-tune continues where that one ended; one-line errors otherwise."""
-    from reparam.io import load_checkpoint
+    from repq.reparam.io import load_checkpoint
 
     payload = load_checkpoint(path)
     if payload.get("format") != FORMAT:
@@ -153,9 +153,9 @@ def load_finetuned(model: nn.Module, path: str | Path, arch: dict) -> None:
 def export_quantized(model: nn.Module, path: str | Path, target: str = "tensorrt",
                      input_shape=(1, 3, 32, 32), **kwargs) -> Path:
     """QDQ ONNX of a fine-tuned model through engines.export: fused (weights = Q(M(W))), LSQ steps as amax."""
-    from engines.export import LayerQuant, export_onnx
-    from quant.lsq import export_ranges, without_quantizers
-    from reparam import fuse_model
+    from repq.engines.export import LayerQuant, export_onnx
+    from repq.quant.lsq import export_ranges, without_quantizers
+    from repq.reparam import fuse_model
 
     deployed = fuse_model(model).cpu().eval()  # a CPU copy: a model fine-tuned on CUDA exports the same
     specs = {name: LayerQuant(amax_in, amax_w.numpy().copy(), None)
@@ -189,8 +189,8 @@ def finetune(model: nn.Module, train_loader, epochs: float, lr: float, weight_de
 
     NCHW, unlike FP training: NHWC slows RepQ-BN's tap convs on the CPU (ResNet-18-ACB at 32 px: 181% -> 210%
     of plain LSQ's step, `bench/repq_speed.py --channels-last`)."""
-    from calibration.loaders import set_loader_epoch
-    from pipeline.train import warmup_cosine
+    from repq.calibration.loaders import set_loader_epoch
+    from repq.pipeline.train import warmup_cosine
 
     total = max(1, int(math.ceil(epochs * len(train_loader))))
     if freeze_bn_at is not None and not 0.0 <= freeze_bn_at < 1.0:
@@ -254,8 +254,8 @@ class FinetuneState:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
 
     def save(self, losses: list[float], frozen: bool) -> None:
-        from pipeline.train import rng_state
-        from reparam.io import atomic_save
+        from repq.pipeline.train import rng_state
+        from repq.reparam.io import atomic_save
 
         if self.path is None:
             return
@@ -265,9 +265,9 @@ class FinetuneState:
 
     def resume(self, log) -> tuple[list[float], bool]:
         """(losses so far, BN statistics frozen): empty and False when there is nothing to resume."""
-        from pipeline.train import set_rng_state
-        from quant.repq import freeze_bn_statistics
-        from reparam.io import load_checkpoint
+        from repq.pipeline.train import set_rng_state
+        from repq.quant.repq import freeze_bn_statistics
+        from repq.reparam.io import load_checkpoint
 
         if self.path is None or not self.path.exists():
             return [], False
@@ -296,7 +296,7 @@ class FinetuneState:
 
 
 def _freeze_bn(model: nn.Module, train_loader, recalibrate_batches: int, log) -> None:
-    from quant.repq import freeze_bn_statistics
+    from repq.quant.repq import freeze_bn_statistics
 
     recalibrated = recalibrate_bn(model, train_loader, recalibrate_batches)
     frozen = freeze_bn_statistics(model)
@@ -343,7 +343,7 @@ def on_model_device(model: nn.Module, *tensors: torch.Tensor) -> tuple[torch.Ten
 
 
 def finetune_loss(outputs, images, labels, label_smoothing: float, teacher: nn.Module | None, distill: float):
-    from pipeline.train import task_loss
+    from repq.pipeline.train import task_loss
 
     loss = task_loss(outputs, labels, label_smoothing)
     if teacher is None or distill == 0.0:
@@ -357,7 +357,7 @@ def finetune_loss(outputs, images, labels, label_smoothing: float, teacher: nn.M
 
 def distillation_teacher(float_model: nn.Module, distill: float) -> nn.Module | None:
     """The FP model a fine-tune distils from: its fused deploy form in eval (one cheap forward per step)."""
-    from reparam import fuse_model
+    from repq.reparam import fuse_model
 
     if not 0.0 <= distill <= 1.0:
         raise RepqError(f"--distill {distill} is outside [0, 1]: it is the weight of the teacher's loss")
@@ -367,12 +367,12 @@ def distillation_teacher(float_model: nn.Module, distill: float) -> nn.Module | 
 
 
 def run(args: argparse.Namespace) -> int:
-    from calibration.datasets import load_data
-    from calibration.loaders import build_loaders
-    from engines.onnxruntime import OrtEngine
-    from pipeline.distributed import init_distributed
-    from pipeline.train import evaluate, load_model_checkpoint, trained_split
-    from reparam.io import atomic_save, atomic_write_json
+    from repq.calibration.datasets import load_data
+    from repq.calibration.loaders import build_loaders
+    from repq.engines.onnxruntime import OrtEngine
+    from repq.pipeline.distributed import init_distributed
+    from repq.pipeline.train import evaluate, load_model_checkpoint, trained_split
+    from repq.reparam.io import atomic_save, atomic_write_json
 
     out = Path(args.out)
     state = state_file(out / "finetune_state.pt", args.resume)

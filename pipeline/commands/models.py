@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reparam import list_models, model_doc
+    from repq.reparam import list_models, model_doc
 
     if not args.check:
         for name in list_models():
@@ -46,7 +46,7 @@ def _median_latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> fl
 def check_fuse(name: str, num_classes: int = 1000, image_size: int = 224, width_mult: float | None = None,
                runs: int = 20) -> dict:
     """Fused vs train-form eval output (relative error) and median CPU latency at batch 1."""
-    from reparam import create_model, fuse_model, is_super_resolution
+    from repq.reparam import create_model, fuse_model, is_super_resolution
 
     kwargs = {} if width_mult is None else {"width_mult": width_mult}
     if is_super_resolution(name):

@@ -20,10 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calibration.datasets import load_data
-    from calibration.loaders import calibration_loader
-    from pipeline.train import load_model_checkpoint, trained_split
-    from quant.toolkit import quantize, quantized_layers, save_quantized
+    from repq.calibration.datasets import load_data
+    from repq.calibration.loaders import calibration_loader
+    from repq.pipeline.train import load_model_checkpoint, trained_split
+    from repq.quant.toolkit import quantize, quantized_layers, save_quantized
 
     model, ckpt = load_model_checkpoint(args.ckpt)
     data = load_data(args.data, **trained_split(ckpt))

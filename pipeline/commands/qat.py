@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.qat import qat
-    from quant.toolkit import load_quantized
+    from repq.pipeline.qat import qat
+    from repq.quant.toolkit import load_quantized
 
     model = load_quantized(args.quantized)
     result = qat(model, args.data, args.out, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,

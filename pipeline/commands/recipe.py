@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.commands.run import split_items
-    from pipeline.recipe import STAGE_ORDER, load_recipe
+    from repq.pipeline.commands.run import split_items
+    from repq.pipeline.recipe import STAGE_ORDER, load_recipe
 
     path, overrides = split_items(args.items)
     recipe = load_recipe(path, overrides)

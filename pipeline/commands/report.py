@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from reparam.errors import RepqError
+from repq.errors import RepqError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,9 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.recipe import load_recipe
-    from pipeline.run_report import render_run_report
-    from pipeline.runfolder import read_run
+    from repq.pipeline.recipe import load_recipe
+    from repq.pipeline.run_report import render_run_report
+    from repq.pipeline.runfolder import read_run
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

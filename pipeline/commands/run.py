@@ -18,8 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.recipe import STAGE_ORDER, load_recipe
-from reparam.errors import RepqError
+from repq.errors import RepqError
+from repq.pipeline.recipe import STAGE_ORDER, load_recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +49,7 @@ def split_items(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.runfolder import default_run_dir, run_pipeline
+    from repq.pipeline.runfolder import default_run_dir, run_pipeline
 
     recipe_path, overrides = split_items(args.items)
     recipe = load_recipe(recipe_path, overrides)

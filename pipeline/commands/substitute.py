@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.train import TrainSettings, load_model_checkpoint, train
-    from reparam import substitute_qarepvgg
+    from repq.pipeline.train import TrainSettings, load_model_checkpoint, train
+    from repq.reparam import substitute_qarepvgg
 
     model, ckpt = load_model_checkpoint(args.checkpoint)
     model = substitute_qarepvgg(model)

@@ -13,7 +13,7 @@ import argparse
 
 from pydantic import ValidationError
 
-from reparam.errors import RepqError
+from repq.errors import RepqError
 
 # With neither --model nor --width-mult, train this quick CPU-friendly model (RepVGG-A0 at a quarter width).
 DEFAULT_MODEL, DEFAULT_WIDTH = "repvgg_a0", 0.25
@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    from pipeline.recipe import parse_value
-    from pipeline.train import TrainSettings
+    from repq.pipeline.recipe import parse_value
+    from repq.pipeline.train import TrainSettings
 
     values: dict = _read_config(args.config) if args.config else {}
     for item in args.set:
@@ -81,7 +81,7 @@ def _read_config(path: str) -> dict:
 def _one_line(err: ValidationError, model) -> str:
     import difflib
 
-    from pipeline.recipe import error_detail
+    from repq.pipeline.recipe import error_detail
 
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
@@ -94,14 +94,14 @@ def _one_line(err: ValidationError, model) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engines.timing import quality_key
-    from pipeline.train import train
-    from reparam import is_super_resolution
+    from repq.engines.timing import quality_key
+    from repq.pipeline.train import train
+    from repq.reparam import is_super_resolution
 
     settings = settings_from_args(args)
     data = args.data
     if is_super_resolution(settings.model):
-        from calibration.sr import load_sr_data
+        from repq.calibration.sr import load_sr_data
 
         data = load_sr_data(args.data, args.val_data, args.scale, seed=settings.split_seed)
     summary = train(settings, data, args.out, resume=args.resume)
