@@ -3,7 +3,8 @@ size: what sizes a fine-tune to a time budget (bench/gpu_session.sh) or compares
 
     python bench/finetune_step_time.py --checkpoint runs/cifar/best.pt --batch-sizes 128,256,512 --device cuda
 
-Prints one JSON object, {batch size: seconds per step}, on stdout.
+Prints one JSON object, {batch size: seconds per step}, on stdout. --method takes the fine-tuning methods of
+repq.quant.config.FINETUNE_METHODS; `bnest`, its name before BNEst was split in two, still means bnest_corrected.
 """
 
 from __future__ import annotations
@@ -12,52 +13,40 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from repq.calibration.datasets import load_data
 from repq.calibration.loaders import build_loaders
-from repq.pipeline.commands.finetune import (
-    METHODS,
-    distillation_teacher,
-    finetune_loss,
-    on_model_device,
-    quantized_model,
-)
-from repq.pipeline.distributed import init_distributed
-from repq.pipeline.train import load_model_checkpoint
+from repq.engines.timing import latency_stats, time_calls
+from repq.quant.config import FINETUNE_METHODS, INIT_METHODS
+from repq.quant.finetune import distillation_teacher, finetune_loss, on_model_device, quantized_model
+from repq.training.distributed import init_distributed
+from repq.training.train import load_model_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def seconds_per_step(fp_model, teacher, data, batch_size: int, args) -> float:
-    model = quantized_model(copy.deepcopy(fp_model), args.method, args.bits, args.bits, not args.act_unsigned,
-                            weight_init=args.weight_init).to(next(fp_model.parameters()).device)
+    model = quantized_model(copy.deepcopy(fp_model), method=args.method, w_bits=args.bits, a_bits=args.bits,
+                            act_unsigned=args.act_unsigned, weight_init=args.weight_init)
+    model = model.to(next(fp_model.parameters()).device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loader, _ = build_loaders(data, batch_size)
     batches = iter(loader)
 
-    def step() -> None:
+    def step() -> None:  # finetune()'s step: it reads each loss back (float), so it waits for the step too
         images, labels = on_model_device(model, *next(batches))
         loss = finetune_loss(model(images), images, labels, 0.0, teacher, args.distill)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        float(loss.detach())
 
-    def synchronize() -> None:
-        if next(model.parameters()).is_cuda:
-            torch.cuda.synchronize()
-
-    for _ in range(args.warmup):  # the first step sets the LSQ steps and BNEst's corrections
-        step()
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    synchronize()
-    return (time.perf_counter() - start) / args.steps
+    # the warm-up steps set the LSQ steps and BNEst's corrections
+    times = time_calls(step, warmup=args.warmup, runs=args.steps)
+    return latency_stats(times, batch_size).mean_ms / 1e3
 
 
 def main() -> None:
@@ -65,10 +54,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="FP32 re-param checkpoint (repq train)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "cifar10"))
     parser.add_argument("--batch-sizes", default="128")
-    parser.add_argument("--method", choices=METHODS, default="bnest")
+    parser.add_argument("--method", choices=FINETUNE_METHODS, default="bnest_corrected",
+                        type=lambda name: {"bnest": "bnest_corrected"}.get(name, name))
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--act-unsigned", action="store_true")
-    parser.add_argument("--weight-init", default="minerror")
+    parser.add_argument("--weight-init", choices=INIT_METHODS, default="minerror")
     parser.add_argument("--distill", type=float, default=1.0)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--steps", type=int, default=15)

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from repq.pipeline.commands.models import check_fuse
+from repq.reparam.check import check_fuse
 
 
 def main() -> None:

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # One GPU session in one command, sized to a time budget: training-step images/s of both CIFAR models (fp32,
-# bf16), RepQ step times (bench/repq_speed.py), the GPU-only tests, then three 4-bit RepQ-BNEst fine-tunes of
-# CHECKPOINT (batch 128/256/512) with as many epochs as fit before DEADLINE (seconds from the start).
+# bf16), RepQ step times (bench/repq_speed.py), the GPU-only tests, then three 4-bit RepQ-BNEst (bnest_corrected)
+# fine-tunes of CHECKPOINT (batch 128/256/512) with as many epochs as fit before DEADLINE (seconds from the start).
 #
 #   CHECKPOINT=runs/bench_cifar_cl/repvgg_a0/best.pt OUT=/tmp/gpu bench/gpu_session.sh
 #
 # DATA: an ImageFolder tree, or a .tgz of one (unpacked under /tmp); default ../shared/datasets/cifar10.
 # WHEELS=DIR: pip-install these wheels into /tmp/site first (a machine that lacks some of the dependencies).
+# The checkout itself is then installed editable (no dependencies, no index), so `import repq.*` works; where pip
+# cannot build it offline (setuptools < 70.1 without wheel), /tmp/gpu_session_repq holds links laid out as the
+# installed package (repq/ and the folders pyproject.toml's package-dir maps to repq.*) and goes on PYTHONPATH.
 # DEVICE (cuda), DEADLINE (560), DRY=1: rehearse on any device with a few steps. Results: OUT/results.tgz.
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -24,13 +27,22 @@ if [ -n "${WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
+if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .; then
+  echo "== pip cannot install this checkout offline: importing it through links in /tmp/gpu_session_repq"
+  rm -rf /tmp/gpu_session_repq && mkdir -p /tmp/gpu_session_repq/repq || exit 1
+  ln -s "$PWD"/repq/*.py /tmp/gpu_session_repq/repq/ || exit 1
+  for sub in reparam quant calibration engines pipeline training; do
+    ln -s "$PWD/$sub" "/tmp/gpu_session_repq/repq/$sub" || exit 1
+  done
+  export PYTHONPATH=/tmp/gpu_session_repq${PYTHONPATH:+:$PYTHONPATH}
+fi
 if [[ "$DATA" == *.tgz ]]; then
   mkdir -p /tmp/gpu_session_data && tar xzf "$DATA" -C /tmp/gpu_session_data
   DATA=$(find /tmp/gpu_session_data -mindepth 1 -maxdepth 1 -type d | head -1)
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm --format=csv
 python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
-python3 -c "import sys; sys.path.insert(0, '.'); from calibration.datasets import load_data; d = load_data('$DATA', val_size=5000); print(len(d.train), 'train', len(d.val), 'val')"
+python3 -c "import sys; from repq.calibration.datasets import load_data; d = load_data(sys.argv[1], val_size=5000); print(len(d.train), 'train', len(d.val), 'val')" "$DATA" || exit 1
 echo "== setup done at $((SECONDS - T0)) s"
 
 STEPS=30 TIMED=15; [ -n "${DRY:-}" ] && STEPS=2 TIMED=1
@@ -52,7 +64,7 @@ share = 1.8  # three fine-tunes share the GPU
 ep = lambda bs, cap: max(1, min(cap, math.floor($BUDGET / (share * t[bs] * (45000 // bs)))))
 print(ep(128, 60), ep(256, 90), ep(512, 150))" "$TIMES")"
 echo "== budget $BUDGET s: epochs $E128 (batch 128), $E256 (256), $E512 (512)"
-COMMON=(--checkpoint "$CHECKPOINT" --data "$DATA" --methods bnest --bits 4 --act-unsigned-below-8 --distill 1.0
+COMMON=(--checkpoint "$CHECKPOINT" --data "$DATA" --methods bnest_corrected --bits 4 --act-unsigned-below-8 --distill 1.0
         --weight-init minerror --recalibrate-bn 100 --freeze-bn-at 0.8 --device "$DEVICE")
 if [ -n "${DRY:-}" ]; then COMMON+=(--val-images 256 --recalibrate-bn 2); fi
 LEFT=$((DEADLINE - (SECONDS - T0)))
@@ -70,7 +82,7 @@ tail -3 "$R/pytest_cuda.log"
 alive() { for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
 while alive; do
   sleep 20
-  echo "-- $((SECONDS - T0)) s: $(for f in "$R"/b*.log; do echo -n "$(basename "$f") $(grep -o 'step [0-9]*/[0-9]*' "$f" | tail -1); "; done)"
+  echo "-- $((SECONDS - T0)) s: $(for f in "$R"/b*.log; do echo -n "$(basename "$f") $(grep -o '[0-9]*/[0-9]* steps' "$f" | tail -1); "; done)"
 done
 [ ${#PIDS[@]} -eq 0 ] || wait "${PIDS[@]}"  # never a bare wait: that also waits for the tee above
 for f in "$R"/b*.log; do echo "== $f"; grep -E "fake_quant|FP32|Error" "$f" | tail -3; done

@@ -19,26 +19,30 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from repq.engines.export import export_float, export_onnx
-from repq.engines.onnxruntime import OrtEngine, optimized_op_types
-from repq.engines.timing import latency_stats, time_calls
-from repq.quant.toolkit import quantize
+from repq.calibration.datasets import load_data
+from repq.calibration.loaders import build_loaders, calibration_loader, val_subset
+from repq.engines.engine import open_engine
+from repq.engines.export import INPUT_NAME, export_fp32, export_onnx
+from repq.engines.onnxruntime import optimized_op_types
+from repq.engines.timing import interleaved_latency, speedup
+from repq.quant.qat import qat
+from repq.quant.toolkit import deploy_copy, quantize
+from repq.reparam import create_model
+from repq.training.train import load_model_checkpoint
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10"
 
 
-def calibration_batches(data_path, num_images: int, size: int | None, batch: int = 64):
-    """The fixed calibration set of `calibration/` (seed 0), resized to `size` when given."""
-    from repq.calibration.loaders import calibration_set
-
-    data = str(data_path) if isinstance(data_path, (str, Path)) else data_path
-    images, labels = calibration_set(data, num_images, seed=0)
-    if size is not None and images.shape[-1] != size:
-        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    return [(images[i:i + batch], labels[i:i + batch]) for i in range(0, len(images), batch)]
+def calibration_batches(data, num_images: int, size: int | None, batch: int = 64) -> list:
+    """The fixed calibration set of repq.calibration (seed 0), resized to `size` when given (the speed run
+    calibrates a 224-pixel model on CIFAR's 32-pixel images)."""
+    batches = calibration_loader(str(data) if isinstance(data, Path) else data, num_images, batch, seed=0)
+    if size is None:
+        return list(batches)
+    return [(torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+             if x.shape[-1] != size else x, y) for x, y in batches]
 
 
 def ort_quantize_static(fp32_path: Path, out_path: Path, batches) -> Path:
@@ -54,7 +58,7 @@ def ort_quantize_static(fp32_path: Path, out_path: Path, batches) -> Path:
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.items = iter([{"input": x.numpy()} for x, _ in batches])
+            self.items = iter([{INPUT_NAME: x.numpy()} for x, _ in batches])
 
         def get_next(self):
             return next(self.items, None)
@@ -70,12 +74,10 @@ def ort_quantize_static(fp32_path: Path, out_path: Path, batches) -> Path:
 
 def build_files(model, batches, out: Path, shape, method: str = "max", percentile: float = 99.99) -> dict:
     """FP32, repq INT8 (ORT placement) and quantize_static files of the fused `model`."""
-    from repq.reparam import fuse_model
-
     out.mkdir(parents=True, exist_ok=True)
     files = {"fp32": out / "fp32.onnx", "repq_int8": out / f"repq_{method}.ort.onnx",
              "ort_quantize_static": out / "quantize_static.onnx"}
-    files["fp32"].write_bytes(export_float(fuse_model(model).eval(), shape, 17, True).SerializeToString())
+    export_fp32(deploy_copy(model).eval(), files["fp32"], shape, dynamic_batch=True)
     start = time.perf_counter()
     q = quantize(model, batches, method, percentile)
     export_onnx(q, files["repq_int8"], "onnxruntime", shape, dynamic_batch=True)
@@ -86,88 +88,70 @@ def build_files(model, batches, out: Path, shape, method: str = "max", percentil
     return files
 
 
-def interleaved_latency(engines: dict, image_shape, batch: int, runs: int, rounds: int, warmup: int = 3) -> dict:
-    """Latency of each engine, `runs` timed runs split over `rounds` interleaved rounds."""
-    rng = np.random.default_rng(0)
-    feed = rng.standard_normal((batch, *image_shape), dtype=np.float32)
-    times = {name: [] for name in engines}
-    per_round = -(-runs // rounds)
-    for _ in range(rounds):
-        for name, engine in engines.items():
-            times[name] += time_calls(lambda e=engine: e(feed), warmup=warmup, runs=per_round)
-    return {name: latency_stats(t, batch) for name, t in times.items()}
-
-
 def run_speed(args) -> dict:
-    from repq.reparam import create_model
-
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=1000).eval()
     shape = (1, 3, args.size, args.size)
     batches = calibration_batches(args.data, args.calib_images, args.size, batch=16)
     files = build_files(model, batches, Path(args.out) / f"{args.model}_{args.size}", shape)
-    engines = {name: OrtEngine(path, threads=args.threads) for name, path in files.items()}
-    result = {"model": f"{args.model} fused, {args.size}x{args.size}", "threads": engines["fp32"].threads,
+    engines = {name: open_engine(path, "onnxruntime", threads=args.threads) for name, path in files.items()}
+    result = {"model": f"{args.model} fused, {args.size}x{args.size}",
+              "threads": engines["fp32"].describe()["threads"],
               "ops": {name: dict(optimized_op_types(path)) for name, path in files.items()}, "batches": {}}
+    per_round = -(-args.runs // args.rounds)  # `runs` timed runs per engine and batch, over interleaved rounds
+    timers = {name: lambda batch, e=engine: e.times(shape[1:], batch, warmup=3, runs=per_round)
+              for name, engine in engines.items()}
+    stats = interleaved_latency(timers, args.batches, args.rounds)
     for batch in args.batches:
-        stats = interleaved_latency(engines, shape[1:], batch, args.runs, args.rounds)
-        fp32 = stats["fp32"]
-        result["batches"][batch] = {
-            name: {**s.as_dict(), "speedup_vs_fp32": fp32.median_ms / s.median_ms} for name, s in stats.items()
-        }
-        for name, s in stats.items():
+        fp32 = stats[("fp32", batch)]
+        result["batches"][batch] = {name: {**stats[(name, batch)].as_dict(),
+                                           "speedup_vs_fp32": speedup(fp32, stats[(name, batch)])}
+                                    for name in engines}
+        for name in engines:
+            s = stats[(name, batch)]
             print(f"  batch {batch} {name:>20}: median {s.median_ms:8.2f} ms, p90 {s.p90_ms:8.2f} ms, "
-                  f"{s.fps:7.1f} img/s, x{fp32.median_ms / s.median_ms:.2f} vs FP32", file=sys.stderr)
+                  f"{s.fps:7.1f} img/s, x{speedup(fp32, s):.2f} vs FP32", file=sys.stderr)
     return result
 
 
 def evaluate(path: Path, val_loader, threads) -> float:
-    return OrtEngine(path, threads=threads).evaluate(val_loader)["top1"]
+    return open_engine(path, "onnxruntime", threads=threads).evaluate(val_loader)["top1"]
 
 
 def run_accuracy(args) -> dict:
-    from repq.calibration.datasets import load_data
-    from repq.pipeline.train import load_model_checkpoint
-
     data = load_data(str(args.data), val_size=5000, seed=0)
-    val = [(x, y) for x, y in _val_batches(data, args.val_images)]
+    # decoded once, scored on every engine: the whole split, or a fixed random draw of --val-images
+    if args.val_images:
+        val = list(val_subset(data, args.val_images, 250))
+    else:
+        val = list(build_loaders(data, 64, eval_batch_size=250)[1])
     batches = calibration_batches(data, args.calib_images, None)
     rows = {}
     for ckpt in args.ckpt:
         model, _ = load_model_checkpoint(ckpt)
         model.eval()
         name = f"{model.repq_arch['name']} ({Path(ckpt).parent.name})"
-        size = data.preset.image_size
+        shape = data.input_shape
         out = Path(args.out) / Path(ckpt).parent.name
         print(f"{name}:", file=sys.stderr)
-        files = build_files(model, batches, out, (1, 3, size, size), "max")
+        files = build_files(model, batches, out, shape, "max")
         row = {"fp32": evaluate(files["fp32"], val, args.threads),
                "ort_quantize_static": evaluate(files["ort_quantize_static"], val, args.threads)}
         for method in args.calibrators:
             label = f"ptq_{method}" + (f"_{args.percentile}" if method == "percentile" else "")
             q = quantize(model, batches, method, args.percentile)
-            path = export_onnx(q, out / f"{label}.ort.onnx", "onnxruntime", (1, 3, size, size), dynamic_batch=True)
+            path = export_onnx(q, out / f"{label}.ort.onnx", "onnxruntime", shape, dynamic_batch=True)
             row[label] = evaluate(path, val, args.threads)
             print(f"  {label}: {row[label]:.2f}", file=sys.stderr)
         if args.qat_epochs:
-            from repq.pipeline.qat import qat
-
             q = quantize(model, batches, args.qat_calibrator, args.percentile)
             q = qat(q, data, out / "qat", epochs=args.qat_epochs, lr=args.qat_lr, batch_size=128,
                     max_steps_per_epoch=args.qat_steps)["model"]
-            path = export_onnx(q, out / "qat.ort.onnx", "onnxruntime", (1, 3, size, size), dynamic_batch=True)
+            path = export_onnx(q, out / "qat.ort.onnx", "onnxruntime", shape, dynamic_batch=True)
             row[f"qat_{args.qat_epochs}ep"] = evaluate(path, val, args.threads)
         rows[name] = row
         print(f"  {json.dumps(row)}", file=sys.stderr)
     return {"val_images": sum(len(y) for _, y in val), "rows": rows}
-
-
-def _val_batches(data, limit: int | None, batch: int = 250):
-    """The validation split, or an even stride through it (the split is ordered by class) of about `limit`."""
-    step = 1 if limit is None else max(1, -(-len(data.val) // limit))
-    positions = np.arange(0, len(data.val), step)
-    for start in range(0, len(positions), batch):
-        yield data.val.__getitems__(positions[start:start + batch])
 
 
 def markdown(result: dict) -> str:
@@ -206,7 +190,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ckpt", action="append", default=[])
     parser.add_argument("--calibrators", nargs="+", default=["max", "entropy", "percentile", "mse"])
     parser.add_argument("--percentile", type=float, default=99.99)
-    parser.add_argument("--val-images", type=int, default=None)
+    parser.add_argument("--val-images", type=int, default=None, help="a fixed random draw of this many val images")
     parser.add_argument("--qat-epochs", type=int, default=0)
     parser.add_argument("--qat-lr", type=float, default=1e-3)
     parser.add_argument("--qat-steps", type=int, default=None)

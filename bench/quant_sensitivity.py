@@ -23,12 +23,13 @@ import torch
 
 from repq.calibration.datasets import load_data
 from repq.calibration.loaders import build_loaders, calibration_set
-from repq.pipeline.commands.finetune import quantized_model
-from repq.pipeline.distributed import init_distributed
-from repq.pipeline.train import evaluate, load_model_checkpoint
+from repq.quant.finetune import quantized_model
 from repq.quant.lsq import LSQQuantizer, weight_quantizer
 from repq.reparam import fuse_model
 from repq.reparam.io import atomic_write_json
+from repq.training.distributed import init_distributed
+from repq.training.evaluate import evaluate
+from repq.training.train import load_model_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def main() -> None:
     _, val = build_loaders(data, 256)
     ctx = init_distributed("cpu")
     fp_model, _ = load_model_checkpoint(args.checkpoint)
-    model = quantized_model(copy.deepcopy(fp_model), "merged", args.bits, args.bits, act_signed=True, init="max")
+    model = quantized_model(copy.deepcopy(fp_model), method="merged", w_bits=args.bits, a_bits=args.bits, init="max")
     images, _ = calibration_set(data, 512)
     model.train()
     with torch.no_grad():

@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from repq.engines.timing import interleaved_latency, time_calls
 from repq.quant.lsq import quantize_plain_layers
 from repq.quant.repq import wrap_model
 from repq.reparam import create_model, fuse_model
@@ -79,24 +80,29 @@ def main() -> None:
     for step in steps.values():  # warm-up: initialises the LSQ steps (MinError) and the allocator
         step()
         step()
-    times: dict[str, list[float]] = {label: [] for label in steps}
     cpu: dict[str, list[float]] = {label: [] for label in steps}
-    for _ in range(args.rounds):
-        for label, step in steps.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            step()
-            times[label].append(time.perf_counter() - start)
-            cpu[label].append(time.process_time() - start_cpu)
-    base = statistics.median(times["plain LSQ QAT"])
+
+    def timer(label: str):
+        """One timed step per round (engines.timing's wall clock); the process CPU time of the same step beside
+        it, which the library's timers do not measure."""
+        def cpu_timed() -> None:
+            start = time.process_time()
+            steps[label]()
+            cpu[label].append(time.process_time() - start)
+
+        return lambda batch: time_calls(cpu_timed, warmup=0, runs=1)
+
+    wall = interleaved_latency({label: timer(label) for label in steps}, [args.batch], args.rounds)
+    wall = {label: wall[(label, args.batch)] for label in steps}
+    base = wall["plain LSQ QAT"].median_ms
     base_cpu = statistics.median(cpu["plain LSQ QAT"])
     print(f"{args.model} batch {args.batch}x3x{args.size}x{args.size}, {args.bits}-bit, {args.device}, torch threads "
           f"{torch.get_num_threads()}, {args.rounds} interleaved rounds, stats_grad={not args.no_stats_grad}, "
           f"channels_last={args.channels_last}")
-    for label, values in times.items():
-        med = statistics.median(values)
+    for label, stats in wall.items():
         med_cpu = statistics.median(cpu[label])
-        print(f"  {label:14s} wall median {med * 1000:8.1f} ms {100 * med / base:6.1f}% "
-              f"(min {min(values) * 1000:.1f}, max {max(values) * 1000:.1f})   "
+        print(f"  {label:14s} wall median {stats.median_ms:8.1f} ms {100 * stats.median_ms / base:6.1f}% "
+              f"(mean {stats.mean_ms:.1f}, p90 {stats.p90_ms:.1f})   "
               f"CPU time median {med_cpu * 1000:8.1f} ms {100 * med_cpu / base_cpu:6.1f}%")
     if args.profile:
         label = {"plain": "plain LSQ QAT", "repq": "RepQ", "bn": "RepQ-BN", "bnest": "RepQ-BNEst"}[args.profile]

@@ -1,17 +1,21 @@
 """RepQ paper's Table 2 layout, filled with our measurements on a CIFAR-10 model from the training stage.
 
-For each method (Merged / RepQ-BN / RepQ-BNEst; Plain when --plain-checkpoint is given) and bit width, it
-fine-tunes the same full-precision checkpoint with the same budget, then measures val top-1 of the fake-quant
-PyTorch model and, for 8-bit, of the exported QDQ file in ONNX Runtime. It also reports how well BNEst's
-variance estimate (equation 6) matches the exact batch variance on real activations (not asserted anywhere).
+For each method (Merged / RepQ-BN / RepQ-BNEst, corrected or as the paper writes it; Plain when
+--plain-checkpoint is given) and bit width, it fine-tunes the same full-precision checkpoint with the same budget,
+then measures val top-1 of the fake-quant PyTorch model and, for 8-bit, of the exported QDQ file in ONNX Runtime.
+It also reports how well BNEst's variance estimate (equation 6) matches the exact batch variance on real
+activations (not asserted anywhere).
 
     python bench/repq_table.py --checkpoint runs/cifar/best.pt --epochs 0.5 --out /tmp/repq_table
-    python bench/repq_table.py --checkpoint runs/cifar/best.pt --methods bnest --bits 4 --epochs 0 \
-        --start-from /tmp/repq_table/bnest_w4.pt --recalibrate-bn 100 --out /tmp/recal   # re-score a saved row
-    python bench/repq_table.py --checkpoint runs/bench_cifar_cl/repvgg_a0/best.pt --methods bnest --bits 4 \
+    python bench/repq_table.py --checkpoint runs/cifar/best.pt --methods bnest_corrected --bits 4 --epochs 0 \
+        --start-from /tmp/repq_table/bnest_corrected_w4.pt --recalibrate-bn 100 --out /tmp/recal   # re-score a row
+    python bench/repq_table.py --checkpoint runs/bench_cifar_cl/repvgg_a0/best.pt --methods bnest_corrected --bits 4 \
         --epochs 60 --act-unsigned-below-8 --distill 1.0 --weight-init minerror --recalibrate-bn 100 \
         --freeze-bn-at 0.8 --out DIR   # 4-bit: 84.88 against FP32 85.92 (30 epochs: 84.06); ~2.3 h on 2 cores
     python bench/repq_table.py ... --resume --out DIR   # continue the row a kill interrupted (DIR/*.state.pt)
+
+--methods takes the fine-tuning methods of repq.quant.config.FINETUNE_METHODS (and plain); `bnest`, its name before
+BNEst was split in two, still means bnest_corrected.
 """
 
 from __future__ import annotations
@@ -19,31 +23,35 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from repq.calibration.datasets import load_data
-from repq.calibration.loaders import build_loaders
-from repq.engines.onnxruntime import OrtEngine
+from repq.calibration.loaders import build_loaders, val_subset
+from repq.engines.engine import open_engine
 from repq.errors import RepqError
-from repq.pipeline.commands.finetune import (
+from repq.quant.config import FINETUNE_METHODS, INIT_METHODS, METHOD_LABELS, FinetuneConfig
+from repq.quant.finetune import (
     distillation_teacher,
     export_quantized,
     finetune,
+    finetune_config,
     quantized_model,
     recalibrate_bn,
-    state_file,
 )
-from repq.pipeline.distributed import init_distributed
-from repq.pipeline.train import evaluate, load_model_checkpoint
-from repq.quant.lsq import INIT_METHODS
 from repq.quant.repq import RepQBlock, conv_batch_stats, estimated_stats, wrap_model
+from repq.quant.toolkit import load_state_strict
 from repq.reparam.io import atomic_save, atomic_write_json, atomic_write_text, load_checkpoint
+from repq.training.distributed import init_distributed
+from repq.training.evaluate import evaluate
+from repq.training.train import load_model_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LABELS = {"plain": "Plain", "merged": "Merged", "bn": "RepQ-BN", "bnest": "RepQ-BNEst", "repq": "RepQ"}
+LABELS = {"plain": "Plain", **METHOD_LABELS}
+OLD_NAMES = {"bnest": "bnest_corrected"}  # --methods bnest: the BNEst of the runs before the split
 
 
 @torch.no_grad()
@@ -83,11 +91,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="FP32 re-param checkpoint (repq train)")
     parser.add_argument("--plain-checkpoint", help="FP32 checkpoint of a plain model, for the Plain row")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "cifar10"))
-    parser.add_argument("--methods", default="merged,bn,bnest", help="comma-separated; '' for the Plain row only")
+    parser.add_argument("--methods", default="merged,bn,bnest_corrected",
+                        help=f"comma-separated, of {', '.join(FINETUNE_METHODS)}; '' for the Plain row only")
     parser.add_argument("--bits", default="8,4")
     parser.add_argument("--epochs", type=float, default=0.5)
     parser.add_argument("--steps", type=int, help="fine-tuning steps (overrides --epochs)")
-    parser.add_argument("--val-images", type=int, help="evaluate on the first N val images only")
+    parser.add_argument("--val-images", type=int, help="evaluate on a fixed random draw of N val images only")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--lr-merged", type=float, default=None,
                         help="lr of the BN-free fused models (Merged, Plain); default lr / 10: without BN the "
@@ -123,18 +132,36 @@ def main() -> None:
                         "and evaluation run (the export and ONNX Runtime stay on the CPU)")
     parser.add_argument("--out", default="/tmp/repq_table")
     args = parser.parse_args()
-    if args.start_from and (len([m for m in args.methods.split(",") if m]) != 1 or "," in args.bits):
+    methods = [OLD_NAMES.get(m, m) for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in FINETUNE_METHODS]
+    if unknown:
+        parser.error(f"unknown method {unknown[0]!r} in --methods: use {', '.join(FINETUNE_METHODS)}")
+    if args.start_from and (len(methods) != 1 or "," in args.bits):
         parser.error("--start-from continues one row: pass one method in --methods and one width in --bits")
     if (args.steps == 0 or args.epochs == 0) and not args.start_from:
         parser.error("no fine-tuning steps: that scores steps set on a val batch; pass --start-from a saved row")
-
+    try:  # the settings every row shares; a row adds its method, widths, lr and length
+        config = finetune_config(label_smoothing=args.label_smoothing, distill=args.distill,
+                                 recalibrate_bn=args.recalibrate_bn, freeze_bn_at=args.freeze_bn_at, init=args.init,
+                                 weight_init=args.weight_init, batch_size=args.batch_size, seed=args.seed,
+                                 device=args.device)
+    except RepqError as error:
+        parser.error(str(error))
     out = Path(args.out)
+    rows = [(m, int(b)) for m in ([*methods, "plain"] if args.plain_checkpoint else methods)
+            for b in args.bits.split(",")]
+    for method, bits in rows:
+        if _state_path(out, method, bits).exists() and not args.resume:
+            parser.error(f"{_state_path(out, method, bits)} holds an interrupted fine-tune: pass --resume to "
+                         "continue it, or choose another --out")
+
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(args.data, val_size=5000, seed=0)
     train_loader, val_loader = build_loaders(data, args.batch_size, seed=args.seed)
     if args.val_images:
-        val_loader = _first(val_loader, args.val_images)
-    epochs = args.steps / len(train_loader) if args.steps is not None else args.epochs
+        val_loader = val_subset(data, args.val_images, batch_size=128)
+    # --steps N: the epochs whose ceil(epochs * batches) is N (N / batches can round up past N after the product)
+    epochs = math.nextafter(args.steps / len(train_loader), 0) if args.steps is not None else args.epochs
     ctx = init_distributed(args.device)
     fp_model, _ = load_model_checkpoint(args.checkpoint)
     images = next(iter(val_loader))[0][:256]
@@ -149,11 +176,12 @@ def main() -> None:
                "device": str(ctx.device), "batch_size": args.batch_size, "bnest_variance": variance, "rows": []}
     print(f"FP32 {fp_top1:.2f}%  BNEst on real activations: {results['bnest_variance']}", flush=True)
     if args.float_control:
-        results["fp32_finetuned_top1"] = float_control(fp_model, train_loader, val_loader, ctx, epochs, args)
+        results["fp32_finetuned_top1"] = float_control(fp_model, train_loader, val_loader, ctx, epochs, config,
+                                                       args)
         print(f"FP32 fine-tuned with the same budget (no quantizers): {results['fp32_finetuned_top1']:.2f}%",
               flush=True)
         atomic_write_json(out / "table.json", results)
-    sources = {m: fp_model for m in args.methods.split(",") if m}
+    sources = dict.fromkeys(methods, fp_model)
     if args.plain_checkpoint:
         sources["plain"] = load_model_checkpoint(args.plain_checkpoint)[0].to(ctx.device)
         results["plain_fp32_top1"] = evaluate(copy.deepcopy(sources["plain"]), val_loader, ctx)["top1"]
@@ -163,13 +191,14 @@ def main() -> None:
         for bits in (int(b) for b in args.bits.split(",")):
             torch.manual_seed(args.seed)
             signed = not (args.act_unsigned_below_8 and bits < 8)
-            model = quantized_model(copy.deepcopy(source), "merged" if method == "plain" else method, bits, bits,
-                                    signed, init=args.init, weight_init=args.weight_init).to(ctx.device)
+            lr = (args.lr_merged or args.lr / 10) if method in ("merged", "plain") else args.lr
+            row_config = finetune_config(config, method="merged" if method == "plain" else method, w_bits=bits,
+                                         a_bits=bits, act_unsigned=not signed, lr=lr)
+            model = quantized_model(copy.deepcopy(source), row_config).to(ctx.device)
             if args.start_from:
                 load_state(model, args.start_from)
-            lr = (args.lr_merged or args.lr / 10) if method in ("merged", "plain") else args.lr
-            state = state_file(out / f"{method}_w{bits}.state.pt", args.resume)
-            steps, top1 = finetune_and_score(model, teacher, lr, epochs, train_loader, val_loader, ctx, args,
+            state = _state_path(out, method, bits)
+            steps, top1 = finetune_and_score(model, teacher, row_config, epochs, train_loader, val_loader, ctx,
                                              state_path=state)
             row = {"method": method, "bits": bits, "act_signed": signed, "steps": steps, "lr": lr,
                    "fake_quant_top1": top1, "started_from": args.start_from}
@@ -178,7 +207,7 @@ def main() -> None:
             if bits == 8:  # the INT8 engine itself: ORT's placement, QLinearConv kernels
                 path = export_quantized(model, out / f"{method}_w8a8.ort.onnx", "onnxruntime",
                                         (1, *images.shape[1:]), dynamic_batch=True)
-                row["ort_top1"] = OrtEngine(path).evaluate(val_loader)["top1"]
+                row["ort_top1"] = open_engine(path, "onnxruntime").evaluate(val_loader)["top1"]
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
             atomic_write_json(out / "table.json", results)
@@ -186,48 +215,43 @@ def main() -> None:
     atomic_write_text(out / "table.md", markdown(results))
 
 
-def finetune_and_score(model, teacher, lr: float, epochs: float, train_loader, val_loader, ctx, args,
+def finetune_and_score(model, teacher, config: FinetuneConfig, epochs: float, train_loader, val_loader, ctx,
                        tag: str = "", state_path: Path | None = None) -> tuple[int, float]:
-    """One row's budget: fine-tune, recalibrate BN, then (steps taken, val top-1). ``epochs`` 0 (with
-    --start-from): score the loaded state as it is, after the BN recalibration if one is asked for.
-    ``state_path``: the fine-tune's resumable state (finetune)."""
+    """One row's budget: fine-tune per ``config`` for ``epochs``, recalibrate BN, then (steps taken, val top-1).
+    ``epochs`` 0 (with --start-from): score the loaded state as it is, after the BN recalibration if one is asked
+    for. ``state_path``: the fine-tune's resumable state, continued when the file exists (finetune)."""
     if epochs == 0:
-        recalibrate_bn(model, train_loader, args.recalibrate_bn)
+        recalibrate_bn(model, train_loader, config.recalibrate_bn)
         return 0, evaluate(model, val_loader, ctx)["top1"]
-    losses = finetune(model, train_loader, epochs, lr, log=lambda s: print(f"  {tag}{s}", flush=True),
-                      label_smoothing=args.label_smoothing, teacher=teacher, distill=args.distill,
-                      recalibrate_batches=args.recalibrate_bn, freeze_bn_at=args.freeze_bn_at,
-                      state_path=state_path)
+    losses = finetune(model, train_loader, config, epochs=epochs, teacher=teacher, state_path=state_path,
+                      log=lambda s: print(f"  {tag}{s}", flush=True))
     return len(losses), evaluate(model, val_loader, ctx)["top1"]
 
 
-def float_control(fp_model, train_loader, val_loader, ctx, epochs: float, args) -> float:
+def float_control(fp_model, train_loader, val_loader, ctx, epochs: float, config: FinetuneConfig, args) -> float:
     """Val top-1 of the FP model fine-tuned exactly as the RepQ rows are, without quantizers."""
     torch.manual_seed(args.seed)
     teacher = distillation_teacher(fp_model, args.distill)
-    return finetune_and_score(copy.deepcopy(fp_model), teacher, args.lr, epochs, train_loader, val_loader, ctx,
-                              args, tag="fp32 ")[1]
+    return finetune_and_score(copy.deepcopy(fp_model), teacher, finetune_config(config, lr=args.lr), epochs,
+                              train_loader, val_loader, ctx, tag="fp32 ")[1]
 
 
 def load_state(model: torch.nn.Module, path: str) -> None:
     """Load a previous row's fine-tuned state (its steps count as initialised, so none is re-measured)."""
     try:
-        model.load_state_dict(load_checkpoint(path))
-    except RepqError as error:  # missing, truncated or not a state dict
+        state = load_checkpoint(path)
+    except RepqError as error:  # missing or truncated
         raise SystemExit(f"cannot start from {path}: {error}") from None
-    except RuntimeError as error:  # another model, method or bit width
-        detail = " ".join(str(error).split())[:160]  # torch's message spans lines; keep one
-        raise SystemExit(f"cannot start from {path}: {detail}...; pass the METHOD_wBITS.pt that repq_table wrote "
-                         f"for this checkpoint, method and bit width") from None
+    try:
+        load_state_strict(model, state, path)
+    except RepqError as error:  # not a state dict, or another model, method or bit width
+        raise SystemExit(f"cannot start from {path}: {error}; pass the METHOD_wBITS.pt that repq_table wrote for "
+                         "this checkpoint, method and bit width") from None
 
 
-def _first(loader, count: int, batch: int = 128) -> list:
-    """A fixed random subset of ``count`` val images (the val loader runs class by class, so its first images
-    would be a few classes only), as a list of batches."""
-    images, labels = zip(*loader, strict=True)
-    images, labels = torch.cat(images), torch.cat(labels)
-    pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:count]
-    return [(images[pick[i:i + batch]], labels[pick[i:i + batch]]) for i in range(0, len(pick), batch)]
+def _state_path(out: Path, method: str, bits: int) -> Path:
+    """Where a row's fine-tune keeps its resumable state until the row is written."""
+    return out / f"{method}_w{bits}.state.pt"
 
 
 def markdown(results: dict) -> str:

@@ -26,17 +26,20 @@ import torch
 import torch.nn.functional as F
 
 from repq.calibration.datasets import load_data
-from repq.calibration.loaders import build_loaders, set_loader_epoch
-from repq.pipeline.train import (
-    TrainSettings,
+from repq.calibration.loaders import build_loaders
+from repq.reparam import fuse_model
+from repq.training.config import TrainConfig
+from repq.training.loop import Loop, LoopState, fit, warmup_cosine
+from repq.training.train import (
     autocast_dtype,
     build_model,
     load_model_checkpoint,
     make_optimizer,
+    regularizer,
+    task_loss,
     train,
     use_channels_last,
 )
-from repq.reparam import fuse_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,47 +53,46 @@ TRAIN_IMAGES = 45_000
 EVAL_SHARE = 0.15  # evaluation (train + deploy forms, ~6 s at x0.25) and checkpoints: ~12% of a CPU epoch
 
 
-def recipe(model: str, **overrides) -> TrainSettings:
-    return TrainSettings(**{**RECIPE, "model": model, **overrides})
+WARMUP_STEPS = 3
 
 
-def measure_speed(model_name: str, settings: TrainSettings, data, device: str, steps: int) -> dict:
-    """Images/s of full training steps (data loading, augmentation, forward, backward, SGD) after warm-up."""
+def recipe(model: str, **overrides) -> TrainConfig:
+    return TrainConfig(**{**RECIPE, "model": model, **overrides})
+
+
+def measure_speed(model_name: str, settings: TrainConfig, data, device: str, steps: int) -> dict:
+    """Images/s of full training steps as `repq train` takes them (the shared loop's steps: data loading,
+    augmentation, forward, loss, backward, SGD, schedule), after WARMUP_STEPS untimed ones."""
     dev = torch.device(device)
     torch.manual_seed(0)
     model = build_model(settings, data.num_classes, cifar=True).to(dev)
-    cuda = dev.type == "cuda"
     channels_last = use_channels_last(settings.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, settings)
     loader, _ = build_loaders(data, settings.batch_size)
-    set_loader_epoch(loader, 0)
-    batches = iter(loader)
+    total = WARMUP_STEPS + steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, 0, 0.0))
     dtype = autocast_dtype(settings, dev)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
-    def step():
-        images, labels = next(batches)
-        images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(images).float(), labels, label_smoothing=settings.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def loss_fn(outputs, images, labels):
+        loss = task_loss(outputs, labels, settings.label_smoothing)
+        return loss + regularizer(model, settings), loss
 
-    model.train()
-    for _ in range(3):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    clocks = {}
+
+    def after_step(epoch: int, step: int) -> None:  # the clocks after the warm-up and after the last step
+        if step in (WARMUP_STEPS, total):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            clocks[step] = (time.perf_counter(), time.process_time())
+
+    loop = Loop(model, loader, optimizer, scheduler, loss_fn, total, len(loader), dev, autocast=dtype, scaler=scaler,
+                channels_last=channels_last, desc=f"speed {model_name}", progress=False, keep_losses=False)
+    fit(loop, LoopState(), after_step=after_step)
+    (wall_start, cpu_start), (wall_end, cpu_end) = clocks[WARMUP_STEPS], clocks[total]
+    elapsed, cpu_seconds = wall_end - wall_start, cpu_end - cpu_start
     rate = steps * settings.batch_size / elapsed
     return {"model": model_name, "device": device, "precision": str(dtype or torch.float32),
             "width_mult": settings.width_mult, "batch_size": settings.batch_size, "images_per_s": rate,

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from repq.errors import RepqError
@@ -51,7 +50,7 @@ class CalibrationSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["max", "entropy", "percentile", "mse"] = "max"
+    method: Literal[tuple(CALIBRATORS)] = "max"
     percentile: float = 99.99
     num_batches: int | None = None  # None: the whole calibration set
 
@@ -91,7 +90,7 @@ def activation_cfg(calib: CalibrationSettings) -> dict:
 WEIGHT_CFG = {"num_bits": 8, "axis": 0}  # per output channel, max calibrator
 
 
-def enabled_quantizers(model: torch.nn.Module):
+def enabled_quantizers(model):
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     for name, module in model.named_modules():
@@ -99,8 +98,10 @@ def enabled_quantizers(model: torch.nn.Module):
             yield name, module
 
 
-def calibrate_histograms(model: torch.nn.Module, forward_loop: Callable, calib: CalibrationSettings) -> None:
+def calibrate_histograms(model, forward_loop: Callable, calib: CalibrationSettings) -> None:
     """Collect statistics for every enabled quantizer, then load amax with the chosen method."""
+    import torch
+
     quantizers = list(enabled_quantizers(model))
     for _, q in quantizers:
         q.disable_quant()
@@ -126,6 +127,8 @@ def calibrate_histograms(model: torch.nn.Module, forward_loop: Callable, calib: 
 
 
 def _histogram(calibrator) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
     hist, edges = calibrator._calib_hist, calibrator._calib_bin_edges
     if hist is None:
         raise RuntimeError("Calibrator returned None: it saw no tensor")

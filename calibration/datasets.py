@@ -120,6 +120,9 @@ class ImageData:
     train: ImageSet
     val: ImageSet
     task: str = "classification"
+    val_split: str = ""  # which images are scored: "val/", "test/", or the share of train/ held out
+    val_size: float = 0.1  # the held-out share (or count) when val_split was carved from train/
+    split_seed: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -141,7 +144,13 @@ class ImageData:
             "std": list(self.preset.std),
             "train_images": len(self.train),
             "val_images": len(self.val),
+            "val_split": self.val_split,
+            "val_size": self.val_size,
+            "split_seed": self.split_seed,
         }
+
+
+SPLIT_FOLDERS = ("val", "test")  # a tree's own validation split, in this order of preference
 
 
 def load_data(
@@ -152,43 +161,86 @@ def load_data(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
 ) -> ImageData:
-    """Load `digits` or an ImageFolder tree: `ROOT/train/<class>/*` (+ `ROOT/val/`) or `ROOT/<class>/*`.
+    """Load `digits` or an ImageFolder tree: `ROOT/train/<class>/*` with `ROOT/val/` or `ROOT/test/`, `ROOT/train/`
+    alone, or `ROOT/<class>/*`.
 
-    `val_size` (a fraction or a count) sizes the stratified split carved from train when there is no `val/`;
-    `preset` is `cifar` (32x32), `imagenet` (224x224) or `auto` (cifar for images up to 64 pixels).
+    Without a `val/` or `test/` folder, `val_size` (a fraction or a count) sizes the stratified split carved from
+    train with `seed`; `ImageData.val_split` says which images the val split is. `preset` is `cifar` (32x32),
+    `imagenet` (224x224) or `auto` (cifar for images up to 64 pixels).
     """
     if str(spec) == DIGITS:
         source = load_digits_source()
         chosen = PRESETS["digits"] if preset == "auto" else _preset(preset)
         train_idx, val_idx = stratified_split(source.labels, val_size, seed)
-        return _make_data(source, source, chosen, train_idx, val_idx, seed)
+        return _make_data(source, source, chosen, train_idx, val_idx, seed, _carved(val_size, seed), val_size)
     root = Path(spec).expanduser()
     if not root.exists():
         raise RepqError(f"data path {root} does not exist: pass an ImageFolder tree or `digits`")
-    train_root = root / "train" if (root / "train").is_dir() else root
-    val_root = root / "val" if (root / "val").is_dir() and train_root != root else None
+    if not root.is_dir():
+        raise RepqError(f"data path {root} is a file, not a folder: pass an ImageFolder tree or `digits`")
+    train_root, val_root = split_folders(root)
     train_files, train_labels, classes = scan_image_folder(train_root)
     chosen = _preset(preset) if preset != "auto" else _auto_preset(train_files[0])
     train_source = _make_source(str(root), classes, train_files, train_labels, chosen, cache_dir)
     if val_root is None:
         train_idx, val_idx = stratified_split(train_source.labels, val_size, seed)
-        return _make_data(train_source, train_source, chosen, train_idx, val_idx, seed)
+        where = _carved(val_size, seed, "train/" if train_root != root else "the folder")
+        return _make_data(train_source, train_source, chosen, train_idx, val_idx, seed, where, val_size)
     val_files, val_labels, val_classes = scan_image_folder(val_root)
     if val_classes != classes:
         raise RepqError(f"{val_root} has classes {val_classes[:5]}... unlike train/ {classes[:5]}...: "
-                        "give val/ the same class folders as train/")
+                        f"give {val_root.name}/ the same class folders as train/")
     val_source = _make_source(str(val_root), classes, val_files, val_labels, chosen, cache_dir)
     return _make_data(train_source, val_source, chosen, np.arange(len(train_source)),
-                      np.arange(len(val_source)), seed)
+                      np.arange(len(val_source)), seed, f"{val_root.name}/", val_size)
 
 
-def _make_data(train_source, val_source, preset, train_idx, val_idx, seed) -> ImageData:
+def split_folders(root: Path) -> tuple[Path, Path | None]:
+    """(the training images' folder, the tree's own validation folder or None) of an ImageFolder tree."""
+    if not (root / "train").is_dir():
+        if any((root / name).is_dir() for name in SPLIT_FOLDERS) and _has_only_splits(root):
+            raise RepqError(f"{root} has {'/'.join(n for n in SPLIT_FOLDERS if (root / n).is_dir())}/ but no "
+                            "train/: put the training images in train/<class>/")
+        return root, None
+    for name in SPLIT_FOLDERS:
+        if (root / name).is_dir():
+            return root / "train", root / name
+    return root / "train", None
+
+
+def _has_only_splits(root: Path) -> bool:
+    folders = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    return folders <= set(SPLIT_FOLDERS)
+
+
+def _carved(val_size: float | int, seed: int, source: str = "the images") -> str:
+    share = f"{100 * val_size:g}%" if isinstance(val_size, float) and val_size < 1 else f"{int(val_size)} images"
+    return f"{share} of {source} held out (split seed {seed})"
+
+
+def data_from_record(data, record: dict | None):
+    """``data`` as loaded data: as given when already loaded, else read with the preset and split an artifact
+    recorded (``ImageData.describe()``), so a model is scored on the images it was scored on before."""
+    from repq.calibration.sr import SRData
+
+    if isinstance(data, ImageData | SRData):
+        return data
+    record = record or {}
+    return load_data(data, preset=record.get("preset", "auto") if str(data) != DIGITS else "auto",
+                     val_size=record.get("val_size", 0.1), seed=record.get("split_seed", 0))
+
+
+def _make_data(train_source, val_source, preset, train_idx, val_idx, seed, val_split: str,
+               val_size: float | int) -> ImageData:
     return ImageData(
         name=train_source.name,
         classes=train_source.classes,
         preset=preset,
         train=ImageSet(train_source, train_idx, preset, train=True, seed=seed),
         val=ImageSet(val_source, val_idx, preset, train=False, seed=seed),
+        val_split=val_split,
+        val_size=val_size,
+        split_seed=seed,
     )
 
 

@@ -2,8 +2,8 @@
 
 The model is exported in float and Q/DQ pairs are then inserted from each layer's calibrated ranges
 (`LayerQuant`: input amax, per-channel weight amax, optional output amax; scale = amax / 127, zero point 0).
-Ranges come from ModelOpt TensorQuantizers (`quant.toolkit`), from a module's `repq_quant_spec()`, or from an
-explicit `specs={conv_name: LayerQuant(...)}` -- so a model quantized outside ModelOpt (RepQ's learned steps,
+Ranges come from ModelOpt TensorQuantizers (`repq.quant.toolkit`) or from an explicit
+`specs={conv_name: LayerQuant(...)}` -- so a model quantized outside ModelOpt (RepQ's learned steps,
 already-quantized weights) exports through the same code.
 
 Placements
@@ -74,12 +74,9 @@ def _amax_of(quantizer, enabled_only: bool = True):
 
 
 def layer_quant_specs(model: nn.Module) -> dict[str, LayerQuant]:
-    """Ranges of each quantized Conv2d/Linear of `model` by module name (ModelOpt or `repq_quant_spec()`)."""
+    """Ranges of each ModelOpt-quantized Conv2d/Linear of `model` by module name."""
     specs: dict[str, LayerQuant] = {}
     for name, module in model.named_modules():
-        if hasattr(module, "repq_quant_spec"):
-            specs[name] = module.repq_quant_spec()
-            continue
         if not isinstance(module, (nn.Conv2d, nn.Linear)) or not hasattr(module, "weight_quantizer"):
             continue
         inp = _amax_of(module.input_quantizer)
@@ -116,8 +113,10 @@ def export_onnx(
     dynamic_batch: bool = False,
     dynamic_size: bool = False,
     specs: dict[str, LayerQuant] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write the QDQ ONNX file of a fake-quantized `model` for `target`'s placement; returns the path.
+    `metadata` goes into the file's metadata_props (repq records its data there: `repq.data`).
 
     `dynamic_size` leaves height and width free (super-resolution models run on whole images of any size)."""
     import onnx
@@ -151,7 +150,20 @@ def export_onnx(
     editor.finish()
     graph_model.metadata_props.add(key="repq.placement", value=placement)
     graph_model.metadata_props.add(key="repq.target", value=target)
+    for key, value in (metadata or {}).items():
+        graph_model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(graph_model)
+    return atomic_write_bytes(path, graph_model.SerializeToString())
+
+
+def export_fp32(model: nn.Module, path: str | Path, input_shape: Sequence[int], *, opset: int = DEFAULT_OPSET,
+                dynamic_batch: bool = False, dynamic_size: bool = False,
+                metadata: dict[str, str] | None = None) -> Path:
+    """Write the float ONNX file of `model` (the engines' FP32 reference) with repq's metadata."""
+    graph_model = export_float(model, input_shape, opset, dynamic_batch, dynamic_size=dynamic_size)
+    graph_model.metadata_props.add(key="repq.placement", value="float")
+    for key, value in (metadata or {}).items():
+        graph_model.metadata_props.add(key=key, value=value)
     return atomic_write_bytes(path, graph_model.SerializeToString())
 
 

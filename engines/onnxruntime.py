@@ -26,7 +26,7 @@ def _ort():
 
 
 class OrtEngine:
-    """An ONNX Runtime CPU session with all graph optimizations; `threads` defaults to the CPU count."""
+    """An ONNX Runtime CPU session with all graph optimizations; `threads` None or 0: the CPU count."""
 
     def __init__(self, onnx_path: str | os.PathLike, *, threads: int | None = None, optimized_path=None):
         ort = _ort()
@@ -73,6 +73,16 @@ class OrtEngine:
         """top-1/top-5 (percent) over (images, labels) batches, or the loader's own score (PSNR)."""
         return score(self, loader, _numpy_batches)
 
+    def times(self, image_shape: Sequence[int], batch: int, *, warmup: int = 10, runs: int = 50,
+              seed: int = 0) -> list[float]:
+        """Wall seconds of `runs` synchronous runs of one batch of random images of (C, H, W), after warm-up."""
+        if self.fixed_batch is not None and batch != self.fixed_batch:
+            raise RepqError(f"{self.path} has a fixed batch of {self.fixed_batch}, not {batch}: "
+                            "export with dynamic_batch=True to time several batch sizes")
+        rng = np.random.default_rng(seed)
+        feed = {self.input_name: rng.standard_normal((batch, *image_shape), dtype=np.float32)}
+        return time_calls(lambda: self.session.run(None, feed), warmup=warmup, runs=runs)
+
     def benchmark(
         self,
         image_shape: Sequence[int],
@@ -85,16 +95,8 @@ class OrtEngine:
         """Latency of one synchronous run per batch size on random images of (C, H, W)."""
         if runs < 1:
             raise RepqError("a benchmark needs at least one timed run: use runs >= 50 for stable medians")
-        rng = np.random.default_rng(seed)
-        stats = []
-        for batch in batch_sizes:
-            if self.fixed_batch is not None and batch != self.fixed_batch:
-                raise RepqError(f"{self.path} has a fixed batch of {self.fixed_batch}, not {batch}: "
-                                "export with dynamic_batch=True to time several batch sizes")
-            feed = {self.input_name: rng.standard_normal((batch, *image_shape), dtype=np.float32)}
-            times = time_calls(lambda feed=feed: self.session.run(None, feed), warmup=warmup, runs=runs)
-            stats.append(latency_stats(times, batch))
-        return stats
+        return [latency_stats(self.times(image_shape, batch, warmup=warmup, runs=runs, seed=seed), batch)
+                for batch in batch_sizes]
 
     def op_types(self) -> collections.Counter:
         """Op types of the graph after ORT's optimizations (the graph the session runs)."""

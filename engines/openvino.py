@@ -46,6 +46,18 @@ def openvino_available() -> str | None:
     return None
 
 
+def openvino_unavailable_reason(path: str | os.PathLike | None = None) -> str | None:
+    """None when OpenVINO can run `path` here (any file, when None), else the one-line reason it cannot: it is
+    not installed, or `path` is an INT8 (QDQ) file and OpenVINO's INT8 kernels are inexact on this CPU."""
+    reason = openvino_available()
+    if reason is None and path is not None:
+        from repq.engines.engine import onnx_is_quantized
+
+        if onnx_is_quantized(path):
+            reason = openvino_int8_problem()
+    return reason
+
+
 def int8_kernel_error(max_weight_code: int = 127) -> float:
     """Largest error of OpenVINO's INT8 conv on this CPU, relative to the largest output, against the same QDQ
     conv in float (exact here: int8 codes times steps, summed far below 2^24). A probe of one 3x3 conv whose
@@ -221,6 +233,24 @@ class OpenVinoEngine:
     def int8_coverage(self) -> dict:
         return int8_coverage(self.layer_precisions())
 
+    def times(self, image_shape: Sequence[int], batch: int, *, warmup: int = 10, runs: int = 50,
+              seed: int = 0) -> list[float]:
+        """Wall seconds of `runs` synchronous inferences of one batch of random images of (C, H, W).
+
+        Each call gets an infer request of its own: the timed runs share the input array with the request
+        (no copy in the loop), and a request whose input tensor wraps a batch-1 array cannot take a batch of 32
+        afterwards (OpenVINO: "Could set new shape"); the request `__call__` uses is never shared.
+        """
+        if self.batch_size is not None and batch != self.batch_size:
+            raise RepqError(
+                f"this engine was compiled for batch {self.batch_size}, not {batch}: "
+                "build one engine per batch size or use batch_size=None"
+            )
+        images = np.random.default_rng(seed).standard_normal((batch, *image_shape), dtype=np.float32)
+        request = self.compiled.create_infer_request()
+        request.infer({0: images}, share_inputs=True)  # first call allocates; keep it out of warm-up statistics
+        return time_calls(lambda: request.infer({0: images}, share_inputs=True), warmup=warmup, runs=runs)
+
     def benchmark(
         self,
         image_shape: Sequence[int],
@@ -235,27 +265,8 @@ class OpenVinoEngine:
             if self.batch_size is None:
                 raise RepqError("benchmark of a dynamic-batch engine needs batch_sizes: pass e.g. [1, 8]")
             batch_sizes = [self.batch_size]
-        rng = np.random.default_rng(seed)
-        stats = []
-        for batch in batch_sizes:
-            if self.batch_size is not None and batch != self.batch_size:
-                raise RepqError(
-                    f"this engine was compiled for batch {self.batch_size}, not {batch}: "
-                    "build one engine per batch size or use batch_size=None"
-                )
-            images = rng.standard_normal((batch, *image_shape), dtype=np.float32)
-            self._request.infer({0: images})  # first call allocates; keep it out of warm-up statistics
-            stats.append(
-                latency_stats(
-                    time_calls(
-                        lambda images=images: self._request.infer({0: images}, share_inputs=True),
-                        warmup=warmup,
-                        runs=runs,
-                    ),
-                    batch,
-                )
-            )
-        return stats
+        return [latency_stats(self.times(image_shape, batch, warmup=warmup, runs=runs, seed=seed), batch)
+                for batch in batch_sizes]
 
     def evaluate(self, loader) -> dict:
         return score(self, loader)

@@ -6,9 +6,10 @@ What a stage contributes is data in its manifest's ``metrics`` (see pipeline/run
   :data:`LADDER_STEPS`. Entries without a method (the train-form and fused FP32 models) apply to every
   method's row. The ladder shows where accuracy is lost on the way from the trained model to the INT8 engine.
 - ``methods``: rows ``{"method", "bits"?, "engine"?, "top1"?, "top5"?, "latency_ms"?, "throughput"?,
-  "size_mb"?, "batch_size"?, "base"?}`` (``base``: the float model a quantized row comes from). Rows with the
-  same (method, bits, engine) from several stages are merged, so
-  the engine stage can give accuracy and the bench stage latency. The INT8 drop is computed here.
+  "size_mb"?, "latency_batch"?, "throughput_batch"?, "base"?}`` (``base``: the float model a quantized row
+  comes from; ``latency_batch``/``throughput_batch``: the batch size each timing figure was measured at, shown
+  with it in the table). Rows with the same (method, bits, engine) from several stages are merged, so the
+  engine stage can give accuracy and the bench stage latency. The INT8 drop is computed here.
 - Training curves: every ``*.jsonl`` file in a stage folder, one JSON object per line (``epoch``, numbers).
 - Weight violins: every stage output named ``fused`` (a fused model's checkpoint) or else ``checkpoint`` (a
   train-form checkpoint with ``arch``, fused here).
@@ -40,11 +41,14 @@ LADDER_STEPS: dict[str, str] = {
 SHORT_STEPS = {"train": "train-form", "fused": "fused", "fakequant": "fake-quant", "qdq_onnx": "QDQ ONNX",
                "engine": "engine"}
 METHOD_COLUMNS = (
-    ("method", "Method"), ("bits", "Bits"), ("engine", "Engine"), ("batch_size", "Batch (latency/throughput)"),
+    ("method", "Method"), ("bits", "Bits"), ("engine", "Engine"),
     ("top1", "Top-1 %"), ("top5", "Top-5 %"), ("psnr", "PSNR (dB)"),
     ("int8_drop", "Drop vs FP32 (pts)"), ("latency_ms", "Latency (ms)"), ("throughput", "Throughput (img/s)"),
     ("size_mb", "Size (MB)"),
 )
+# The batch size each timing figure was measured at: in the column header when every row shares it, else in
+# each cell ("0.632 @ batch 1"), so a latency is never read against a throughput's batch.
+TIMING_BATCH = {"latency_ms": "latency_batch", "throughput": "throughput_batch"}
 MAX_VIOLIN_SAMPLES = 20_000
 CURVE_SKIP = ("epoch", "step", "lr", "time_s", "images_per_s")
 
@@ -333,10 +337,15 @@ def _sections(metrics: dict[str, Any]) -> list[tuple[str, str, list[str], list[l
         figure = "PSNR (dB)" if quality_key(*metrics.get("ladder", [])) == "psnr" else "Top-1 (%)"
         sections.append(("Parity ladder", f"{figure} of the same model at each step from training to the "
                          "INT8 engine: the largest loss says where accuracy goes.", header, rows))
-    methods = metrics.get("methods", [])
+    methods = [_timing_batches(r) for r in metrics.get("methods", [])]
     if methods:
         columns = [(k, h) for k, h in METHOD_COLUMNS if any(k in r for r in methods)]
-        rows = [[_method_cell(r, k) for k, _ in columns] for r in methods]
+        shared = {}  # timing column -> the one batch size of all its rows, or None
+        for key, batch_key in TIMING_BATCH.items():
+            batches = {r.get(batch_key) for r in methods if key in r}
+            shared[key] = batches.pop() if len(batches) == 1 else None
+        columns = [(k, _batch_header(h, shared[k]) if shared.get(k) is not None else h) for k, h in columns]
+        rows = [[_method_cell(r, k, shared.get(k) is None) for k, _ in columns] for r in methods]
         figure = ("PSNR (dB) measured on the engine; drop in dB" if quality_key(*methods) == "psnr" else
                   "Accuracy measured on the engine; drop in points")
         sections.append(("Methods", f"{figure} against FP32 on the "
@@ -431,15 +440,36 @@ def _method_label(row: dict) -> str:
     return f"{row.get('method', '?')}{bits}{engine}"
 
 
-def _method_cell(row: dict, key: str) -> str:
+def _timing_batches(row: dict) -> dict:
+    """The row with ``latency_batch``/``throughput_batch``; a run from before they existed wrote one
+    ``batch_size`` string "latency/throughput" ("1/32"), read here."""
+    legacy = row.get("batch_size")
+    if "latency_batch" in row or not isinstance(legacy, str) or "/" not in legacy:
+        return row
+    row = {k: v for k, v in row.items() if k != "batch_size"}
+    small, _, large = legacy.partition("/")
+    if small.strip().isdigit() and large.strip().isdigit():
+        row.update(latency_batch=int(small), throughput_batch=int(large))
+    return row
+
+
+def _batch_header(header: str, batch) -> str:
+    """"Latency (ms)" -> "Latency (ms, batch 1)"."""
+    return f"{header[:-1]}, batch {batch})" if header.endswith(")") else f"{header} (batch {batch})"
+
+
+def _method_cell(row: dict, key: str, with_batch: bool = False) -> str:
     value = row.get(key)
     if key == "int8_drop" and value is not None:
         return f"{value:+.2f}".replace("+", "") if value >= 0 else f"{value:.2f}"
     if key in ("latency_ms", "size_mb"):
-        return _fmt(value, 3 if key == "latency_ms" and _number(value) and value < 1 else 2)
-    if key == "throughput":
-        return _fmt(value, 0)
-    return _fmt(value)
+        text = _fmt(value, 3 if key == "latency_ms" and _number(value) and value < 1 else 2)
+    elif key == "throughput":
+        text = _fmt(value, 0)
+    else:
+        return _fmt(value)
+    batch = row.get(TIMING_BATCH.get(key, ""))
+    return f"{text} @ batch {batch}" if with_batch and value is not None and batch is not None else text
 
 
 def _number(value: Any) -> bool:

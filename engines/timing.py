@@ -1,4 +1,5 @@
-"""Measurements shared by every engine: latency statistics (median/p90/p99, FPS) and top-k accuracy.
+"""Measurements shared by every engine: latency statistics (median/p90/p99, FPS), the timers (wall clock,
+CUDA events, interleaved rounds over several engines) and top-k accuracy.
 
 Percentiles are numpy's default (linear interpolation between order statistics). FPS is images per second
 at the median latency, so one slow outlier does not move it.
@@ -7,7 +8,7 @@ at the median latency, so one slow outlier does not move it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -63,6 +64,27 @@ def time_calls(fn: Callable[[], object], *, warmup: int = 10, runs: int = 50) ->
         fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+def interleaved_latency(
+    timers: Mapping[str, Callable[[int], Sequence[float]]],
+    batch_sizes: Sequence[int],
+    rounds: int = 3,
+    on_round: Callable[[int], object] | None = None,
+) -> dict[tuple[str, int], LatencyStats]:
+    """Latency of several engines timed in interleaved rounds, pooled: each round times every engine at every
+    batch size once (``timers[name](batch)`` -> seconds per run, e.g. ``lambda b: engine.times(shape, b)``), so
+    load from other processes falls on all of them alike. ``on_round(i)`` is called after round i (from 1)."""
+    if rounds < 1:
+        raise RepqError("interleaved timing needs at least one round: use rounds >= 3 on a shared machine")
+    pooled: dict[tuple[str, int], list[float]] = {(name, b): [] for name in timers for b in batch_sizes}
+    for index in range(rounds):
+        for name, timer in timers.items():
+            for batch in batch_sizes:
+                pooled[(name, batch)] += list(timer(batch))
+        if on_round is not None:
+            on_round(index + 1)
+    return {key: latency_stats(times, key[1]) for key, times in pooled.items()}
 
 
 def speedup(reference: LatencyStats, candidate: LatencyStats) -> float:

@@ -111,6 +111,13 @@ class TorchCudaEngine:
             for b in batch_sizes
         ]
 
+    def describe(self) -> dict:
+        import torch
+
+        return {"engine": "torch_cuda", "dtype": str(self.dtype).removeprefix("torch."),
+                "channels_last": self.memory_format == torch.channels_last, "device": str(self.device),
+                "version": torch.__version__}
+
 
 def fake_quant_accuracy(quantized_model, loader) -> dict:
     """Top-1/top-5 of a fake-quantized (ModelOpt) model run in fp32 on the GPU: the accuracy the INT8 engine

@@ -18,12 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from repq.errors import RepqError
-
-STAGE_ORDER = ("train", "substitute", "ptq", "qat", "repq", "export", "engine", "bench", "report")
-ENGINE_TARGETS = ("onnxruntime", "tensorrt", "openvino")
 
 
 class Strict(BaseModel):
@@ -36,12 +33,9 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    name: str = Field(
-        "repvgg_a0", description="zoo name (`repq models`), or a torchvision CNN's name with `convert`"
-    )
-    convert: str | None = Field(
-        None, description="re-parametrize torchvision's `name` with convert_convs(model, <block>), e.g. 'acb'"
-    )
+    name: str = Field("repvgg_a0", description="zoo name (`repq models`), or a torchvision CNN's name")
+    convert: Literal["acb", "dbb", "orepa", "repvgg", "plain"] | None = Field(
+        None, description="re-parametrize the model's convs with convert_convs(model, <block>), e.g. acb")
     width_mult: float | None = Field(None, gt=0, description="channel width multiplier (None: the model's)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments to create_model")
 
@@ -68,126 +62,18 @@ class DataSpec(Strict):
     patches_per_image: int = Field(32, ge=1, description="super-resolution: training patches per image and epoch")
 
 
-# ---------------------------------------------------------------- stage settings
-# Each stage model has `enabled` so a recipe can switch a stage off without deleting its section. The train
-# stage's settings are pipeline.train.TrainSettings less what the recipe holds at the top (model, data, seed);
-# the others are defined here until their modules own them (see the issue-8 note).
+# ---------------------------------------------------------------- stages
 
 
-class StageSettings(Strict):
-    enabled: bool = True
+def _stages_model() -> type[BaseModel]:
+    """The `stages` section: one sub-section per row of the stage table (pipeline/stages.py)."""
+    from repq.pipeline.stages import STAGES
+
+    fields = {stage.name: (stage.settings, Field(default_factory=stage.settings)) for stage in STAGES}
+    return create_model("Stages", __base__=Strict, __module__=__name__, **fields)
 
 
-# TrainSettings fields that the recipe sets from its model / data / seed sections (field -> recipe key).
-TRAIN_FIELDS_FROM_RECIPE = {"model": "model.name", "width_mult": "model.width_mult",
-                            "model_kwargs": "model.kwargs", "seed": "seed", "split_seed": "data.split_seed",
-                            "preset": "data.preset",
-                            "val_size": "data.val_size", "num_workers": "data.workers"}
-
-
-class _ProvisionalTrainSettings(StageSettings):
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
-    weight_decay: float = Field(5e-4, ge=0)
-    device: str = "auto"
-
-
-def _train_stage_settings() -> type[StageSettings]:
-    try:
-        from repq.pipeline.train import TrainSettings as Full
-    except ImportError:
-        return _ProvisionalTrainSettings
-    fields = {name: (field.annotation, field) for name, field in Full.model_fields.items()
-              if name not in TRAIN_FIELDS_FROM_RECIPE}
-    return create_model("TrainSettings", __base__=StageSettings, __module__=__name__, **fields)
-
-
-TrainSettings = _train_stage_settings()
-
-
-class SubstituteSettings(StageSettings):
-    to: Literal["qarepvgg"] = "qarepvgg"
-    epochs: int = Field(6, ge=1, description="training of the substituted model (its post-BN starts fresh)")
-    lr: float = Field(0.05, gt=0)
-
-
-class PTQSettings(StageSettings):
-    calibrators: list[Literal["max", "entropy", "percentile", "mse"]] = Field(
-        default_factory=lambda: ["max", "entropy", "percentile", "mse"], min_length=1
-    )
-    calib_size: int = Field(512, ge=1, description="calibration images drawn from the training split")
-    percentile: Literal[99.9, 99.99, 99.999] = 99.99
-    skip_layers: list[str] = Field(default_factory=list, description="Conv/Linear names kept in float")
-
-
-class QATSettings(StageSettings):
-    enabled: bool = False
-    calibrator: Literal["max", "entropy", "percentile", "mse"] = "max"
-    epochs: int = Field(3, ge=0)
-    lr: float = Field(1e-3, gt=0)
-
-
-class RepQSettings(StageSettings):
-    modes: list[Literal["repq", "bn", "bnest"]] = Field(default_factory=lambda: ["repq"], min_length=1)
-    bits: list[int] = Field(default_factory=lambda: [8], min_length=1)
-    epochs: float = Field(3, gt=0, description="may be fractional")
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(128, ge=1)
-    distill: float = Field(0.0, ge=0, le=1, description="weight of the loss against the FP model's outputs")
-    recalibrate_bn: int = Field(0, ge=0, description="batches to re-estimate BN statistics over, after training "
-                                                      "or at freeze_bn_at")
-    freeze_bn_at: float | None = Field(None, ge=0, lt=1, description="share of the steps after which BN "
-                                                                      "statistics are recalibrated and frozen")
-
-    @field_validator("bits")
-    @classmethod
-    def _bits_in_range(cls, bits: list[int]) -> list[int]:
-        bad = [b for b in bits if not 2 <= b <= 8]
-        if bad:
-            raise ValueError(f"bit widths must be between 2 and 8, got {bad}")
-        return bits
-
-
-class ExportSettings(StageSettings):
-    targets: list[Literal["onnxruntime", "tensorrt", "openvino"]] = Field(
-        default_factory=lambda: ["onnxruntime", "tensorrt"], min_length=1,
-        description="one QDQ file per placement: tensorrt's is the deployment artifact (ONNX Runtime runs it as "
-                    "the ladder's QDQ step); onnxruntime's holds QLinearConv for the CPU engine",
-    )
-    opset: int = Field(17, ge=13)
-    dynamic_batch: bool = True
-
-
-class EngineSettings(StageSettings):
-    targets: list[Literal["onnxruntime", "tensorrt", "openvino"]] = Field(
-        default_factory=lambda: ["onnxruntime"], min_length=1
-    )
-    workspace_gb: float = Field(4.0, gt=0, description="TensorRT builder workspace")
-
-
-class BenchSettings(StageSettings):
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
-    warmup: int = Field(5, ge=0)
-    iters: int = Field(30, ge=1)
-    threads: int | None = Field(None, ge=1, description="CPU threads for ONNX Runtime (default: all)")
-
-
-class ReportSettings(StageSettings):
-    violins: bool = Field(True, description="per-layer weight violin plots of the fused model")
-
-
-class Stages(Strict):
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    substitute: SubstituteSettings = Field(default_factory=SubstituteSettings)
-    ptq: PTQSettings = Field(default_factory=PTQSettings)
-    qat: QATSettings = Field(default_factory=QATSettings)
-    repq: RepQSettings = Field(default_factory=RepQSettings)
-    export: ExportSettings = Field(default_factory=ExportSettings)
-    engine: EngineSettings = Field(default_factory=EngineSettings)
-    bench: BenchSettings = Field(default_factory=BenchSettings)
-    report: ReportSettings = Field(default_factory=ReportSettings)
+Stages = _stages_model()
 
 
 class Recipe(Strict):
@@ -197,7 +83,9 @@ class Recipe(Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     stages: Stages = Field(default_factory=Stages)
 
-    def stage(self, name: str) -> StageSettings:
+    def stage(self, name: str) -> BaseModel:
+        from repq.pipeline.stages import STAGE_ORDER
+
         if name not in STAGE_ORDER:
             known = ", ".join(STAGE_ORDER)
             raise RepqError(f"unknown stage {name!r}{_suggest(name, STAGE_ORDER)}; stages are {known}")
@@ -244,8 +132,8 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
     "stages": {
         "train": {"epochs": 10},
         "substitute": {"epochs": 6},
-        "ptq": {"calibrators": ["max", "entropy", "percentile", "mse"], "calib_size": 256},
-        "repq": {"modes": ["repq"], "bits": [8], "epochs": 3},
+        "ptq": {"sweep": {"method": ["max", "entropy", "percentile", "mse"]}, "calib_size": 256},
+        "repq": {"method": "repq", "w_bits": 8, "a_bits": 8, "epochs": 3, "lr": 0.001},
         "export": {"targets": ["onnxruntime", "tensorrt"]},
         "engine": {"targets": ["onnxruntime"]},
     },
@@ -275,10 +163,15 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise RepqError(f"recipe {path} holds a YAML {kind}, not a mapping of keys: fix the file")
         raw = loaded
         raw.setdefault("name", _default_name(path))
+    return validate_recipe(apply_overrides(raw, overrides), source)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``key=value`` overrides applied to a raw recipe mapping (in place; returned), before validation."""
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
-    return validate_recipe(raw, source)
+    return raw
 
 
 def _default_name(path: Path) -> str:
@@ -303,6 +196,8 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def parse_value(text: str) -> Any:
+    """A Python literal, JSON, or YAML flow value (``[max, entropy]``, ``{method: [repq, bn]}``), else the
+    text itself (a bare word: a model name, a path)."""
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -315,7 +210,21 @@ def parse_value(text: str) -> Any:
     try:
         return json.loads(text)  # JSON spellings inside a value: {"deploy": false}
     except json.JSONDecodeError:
-        return text  # a bare word (a model name, a path)
+        pass
+    if text[:1] in "[{":  # bare words inside brackets: YAML's flow style reads them
+        try:
+            return _none_words(yaml.safe_load(text.replace(":", ": ").replace(":  ", ": ")))
+        except yaml.YAMLError:
+            pass
+    return text
+
+
+def _none_words(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_none_words(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _none_words(v) for k, v in value.items()}
+    return None if isinstance(value, str) and value.lower() == "none" else value
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -386,6 +295,15 @@ def _suggest(word: str, options) -> str:
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
+# Keys of earlier recipe versions, and what replaced them.
+RENAMED = {
+    "calibrators": "renamed: write stages.ptq.sweep={method: [max, entropy]}",
+    "modes": "renamed: write stages.repq.sweep={method: [repq, bnest_corrected]} (bnest is now bnest_corrected)",
+    "bits": "renamed: write stages.repq.sweep={bits: [8, 4]}",
+    "to": "removed: substitution always swaps RepVGG blocks for QARepVGG blocks",
+}
+
+
 def _all_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
@@ -399,16 +317,16 @@ def _all_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
 
 
 def _suggest_elsewhere(word: str) -> str:
-    """A key that exists in another section (``epochs=3`` -> ``stages.train.epochs``)."""
+    """A key that exists in another section (``epochs=3`` -> ``stages.train.epochs``), or a renamed one."""
+    from repq.pipeline.sections import FROM_RECIPE
+
     leaf = word.split(".")[-1]
+    if leaf in RENAMED:
+        return f"; {RENAMED[leaf]}"
     hits = [k for k in _all_keys() if k.split(".")[-1] == leaf]
-    if not hits and leaf in TRAIN_FIELDS_FROM_RECIPE:
-        hits = [TRAIN_FIELDS_FROM_RECIPE[leaf]]
+    if not hits:
+        hits = sorted({key for fields in FROM_RECIPE.values() for name, key in fields.items() if name == leaf})
     return f"; did you mean {' or '.join(repr(h) for h in hits[:4])}?" if hits else ""
-
-
-def stage_names() -> tuple[str, ...]:
-    return STAGE_ORDER
 
 
 def load_recipe_data(spec: DataSpec):
@@ -423,14 +341,42 @@ def load_recipe_data(spec: DataSpec):
     return load_data(spec.source, preset=spec.preset, val_size=spec.val_size, seed=spec.split_seed)
 
 
-def train_settings(recipe: Recipe):
-    """pipeline.train.TrainSettings for this recipe: the train stage's section plus model, data and seed."""
-    from repq.pipeline.train import TrainSettings as Full
+def recipe_value(recipe: Recipe, dotted: str) -> Any:
+    """The value at a dotted recipe key (``data.split_seed``)."""
+    node: Any = recipe
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
 
-    if recipe.model.convert is not None:
-        raise RepqError(f"model.convert={recipe.model.convert} (re-parametrizing a torchvision CNN) is not wired "
-                        "into training yet: use a zoo model such as resnet18_acb (`repq models`)")
-    stage = recipe.stages.train.model_dump(exclude={"enabled"})
-    return Full(**stage, model=recipe.model.name, width_mult=recipe.model.width_mult,
-                model_kwargs=recipe.model.kwargs, seed=recipe.seed, split_seed=recipe.data.split_seed,
-                preset=recipe.data.preset, val_size=recipe.data.val_size, num_workers=recipe.data.workers)
+
+def stage_config(recipe: Recipe, stage: str, config: type[BaseModel] | None = None, **run: Any):
+    """The operation settings stage ``stage`` runs with: its section's fields, the ones the recipe holds at its
+    top (seed, model, data), then ``run`` (one run of a sweep)."""
+    from repq.pipeline.sections import FROM_RECIPE
+
+    section = recipe.stage(stage)
+    config = config or type(section).operation
+    values = {k: v for k, v in section.model_dump().items() if k in config.model_fields}
+    values.update({field: recipe_value(recipe, key) for field, key in FROM_RECIPE.get(config, {}).items()})
+    values.update(run)
+    return config(**values)
+
+
+def train_settings(recipe: Recipe):
+    """TrainConfig for this recipe: the train stage's section plus model, data and seed."""
+    return stage_config(recipe, "train")
+
+
+def split_items(items: list[str]) -> tuple[str | None, list[str]]:
+    """(recipe path or None, overrides): the recipe is the one item without '=', first."""
+    recipe = None
+    overrides = []
+    for position, item in enumerate(items):
+        if "=" in item:
+            overrides.append(item)
+        elif position == 0:
+            recipe = item
+        else:
+            raise RepqError(f"{item!r} is neither the recipe (it comes first) nor KEY=VALUE: "
+                            "write e.g. `repq run recipe.yaml stages.train.epochs=3`")
+    return recipe, overrides

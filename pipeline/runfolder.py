@@ -8,7 +8,8 @@ Layout of ``runs/<name>/``::
     report.md, report.html, metrics.json, plots/   rendered after the last stage
 
 The skip rule follows DVC: a stage's key is the hash of its name, its settings, the model/data/seed sections,
-a fingerprint of the data and the keys and file hashes of the stages it reads. A stage whose folder holds a
+a fingerprint of the data, the keys and file hashes of the stages it reads, and the code version (package version
+and a hash of its sources). A stage whose folder holds a
 manifest with that key, and files whose hashes still match it, is skipped ("cached - skipping"). A folder with
 no manifest, an unreadable one or a file that no longer matches is discarded and the stage reruns: nothing
 half-written is ever trusted. A stage writes into ``.tmp-<stage>-<key>/``, which is renamed into place only
@@ -37,8 +38,8 @@ from typing import Any
 
 from repq.errors import RepqError
 from repq.pipeline import stages as stage_registry
-from repq.pipeline.recipe import STAGE_ORDER, Recipe, _suggest, settings_hash
-from repq.pipeline.stages import Stage, StageContext, StageRecord, as_result
+from repq.pipeline.recipe import Recipe, _suggest, settings_hash
+from repq.pipeline.stages import STAGE_ORDER, Stage, StageContext, StageRecord, as_result
 from repq.reparam.io import atomic_write_json, atomic_write_text
 
 MANIFEST = "manifest.json"
@@ -104,7 +105,9 @@ def _version(package: str) -> str:
 
 
 def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
+    from repq.version import code_version
+
+    found = {"python": platform.python_version(), "repq-code": code_version()}
     for package in VERSIONED_PACKAGES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[package] = metadata.version(package)
@@ -112,7 +115,12 @@ def versions() -> dict[str, str]:
 
 
 def stage_key(name: str, recipe: Recipe, data_print: dict[str, str], upstream: dict[str, StageRecord]) -> str:
+    """What a stage's result depends on: its name and settings, the recipe's model/data/seed, the data's
+    fingerprint, its inputs' keys and files, and the code itself (so a fixed bug reruns the stages it touched)."""
+    from repq.version import code_version
+
     return hash_json({
+        "code": code_version(),
         "stage": name,
         "settings": settings_hash(recipe.stage(name)),
         "core": settings_hash({"model": recipe.model.model_dump(mode="json"),

@@ -1,4 +1,5 @@
-"""The stage registry: stage name -> the function that does it, what it reads, nothing else.
+"""The stage table: the one place a stage is named, with its recipe section, the function that does it and
+the stages whose outputs it reads. The recipe schema, `--from` choices and the runner all read it.
 
 A stage function takes a :class:`StageContext` and returns a :class:`StageResult` (or a dict with
 ``outputs`` and ``metrics``). It writes only under ``ctx.dir``, a temp folder that the runner renames into
@@ -14,10 +15,14 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from repq.errors import RepqError
-from repq.pipeline.recipe import STAGE_ORDER, Recipe, StageSettings
+from repq.pipeline import sections
+from repq.pipeline.sections import StageSettings
+
+if TYPE_CHECKING:
+    from repq.pipeline.recipe import Recipe
 
 
 @dataclass
@@ -98,6 +103,8 @@ class Stage:
     target: str | Callable[[StageContext], Any]  # "module:function" or the function itself
     needs: tuple[str, ...] | None = None  # stages whose outputs it reads; None: every earlier stage
     distributed: bool = False  # runs on every torchrun rank (data-parallel training); else on rank 0 only
+    settings: type[StageSettings] = StageSettings  # its recipe section
+    help: str = ""
 
     def function(self) -> Callable[[StageContext], Any]:
         if callable(self.target):
@@ -117,16 +124,43 @@ class Stage:
         return STAGE_ORDER[: STAGE_ORDER.index(self.name)]
 
 
-REGISTRY: dict[str, Stage] = {}
+# The stages in pipeline order: name, recipe section, what it reads, whether it runs on every torchrun rank. A
+# stage's metrics feed the report: "ladder" entries and "methods" rows (engines/report.py); an output named
+# "checkpoint" or "fused" gets weight violins; a *.jsonl file in its folder gets training curves.
+_RUN = "repq.pipeline.run_stages"
+STAGES: tuple[Stage, ...] = (
+    Stage("train", f"{_RUN}:train_stage", (), True, sections.TrainSection, "full-precision training"),
+    Stage("substitute", f"{_RUN}:substitute_stage", ("train",), True, sections.SubstituteSection,
+          "RepVGG -> QARepVGG blocks, then training with plain L2"),
+    Stage("ptq", f"{_RUN}:ptq_stage", ("train", "substitute"), False, sections.PTQSection,
+          "toolkit PTQ of every trained model with every calibrator of the sweep"),
+    Stage("qat", f"{_RUN}:qat_stage", ("train", "substitute", "ptq"), True, sections.QATSection,
+          "toolkit QAT of the last trained model's PTQ model"),
+    Stage("repq", f"{_RUN}:repq_stage", ("train", "substitute"), False, sections.RepQSection,
+          "RepQ fine-tuning of the last trained model, one per run of the sweep"),
+    Stage("export", f"{_RUN}:export_stage", ("train", "substitute", "ptq", "qat", "repq"), False,
+          sections.ExportSection, "QDQ ONNX per quantized model and placement, and the FP32 ONNX"),
+    Stage("engine", f"{_RUN}:engine_stage", ("export",), False, sections.EngineSection,
+          "accuracy of every exported file on every engine target"),
+    Stage("bench", f"{_RUN}:bench_stage", ("export",), False, sections.BenchSection,
+          "latency and throughput of every engine"),
+    Stage("report", None, (), False, sections.ReportSection, "report.md, report.html, metrics.json"),
+)
+STAGE_ORDER: tuple[str, ...] = tuple(stage.name for stage in STAGES)
+REGISTRY: dict[str, Stage] = {stage.name: stage for stage in STAGES if stage.target is not None}
 
 
 def register(name: str, target: str | Callable[[StageContext], Any], needs: tuple[str, ...] | None = None,
              registry: dict[str, Stage] | None = None, distributed: bool = False) -> Stage:
+    """Put ``target`` in place of stage ``name``'s function (tests and plug-ins; the table above is the default)."""
     if name not in STAGE_ORDER:
         raise ValueError(f"stage {name!r} is not one of {STAGE_ORDER}")
-    stage = Stage(name, target, needs, distributed)
+    stage = Stage(name, target, needs, distributed, _SECTIONS[name])
     (REGISTRY if registry is None else registry)[name] = stage
     return stage
+
+
+_SECTIONS = {stage.name: stage.settings for stage in STAGES}
 
 
 def as_result(value: Any) -> StageResult:
@@ -137,19 +171,3 @@ def as_result(value: Any) -> StageResult:
     if isinstance(value, dict):
         return StageResult(dict(value.get("outputs", {})), dict(value.get("metrics", {})))
     raise TypeError(f"a stage function returns StageResult, a dict or None, not {type(value).__name__}")
-
-
-# The real stages (pipeline/run_stages.py): name, the stages whose outputs it reads, whether it runs on every
-# torchrun rank. A stage's metrics feed the report: "ladder" entries and "methods" rows (engines/report.py); an
-# output named "checkpoint" or "fused" gets weight violins; a *.jsonl file in its folder gets training curves.
-for _name, _needs, _distributed in (
-    ("train", (), True),
-    ("substitute", ("train",), True),
-    ("ptq", ("train", "substitute"), False),
-    ("qat", ("train", "substitute", "ptq"), True),
-    ("repq", ("train", "substitute"), False),
-    ("export", ("train", "substitute", "ptq", "qat", "repq"), False),
-    ("engine", ("export",), False),
-    ("bench", ("export",), False),
-):
-    register(_name, f"repq.pipeline.run_stages:{_name}_stage", needs=_needs, distributed=_distributed)

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repq.errors import RepqError
+from repq.quant.config import INIT_METHODS, MAX_BITS, MIN_BITS
 
-INIT_METHODS = ("minerror", "max")
-MIN_BITS, MAX_BITS = 2, 8
 MAX_INIT_MIN_BITS = 4  # weight steps start at max from this width up (weight_quantizer)
 _MIN_STEP = 1e-8  # a dead channel (all zeros) gets this step instead of 0
 # MinError looks at a random subset: at most this many elements in all (at least 256 per step, all when

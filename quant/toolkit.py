@@ -14,8 +14,12 @@ needs that range where ORT quantizes a conv output no other layer consumes (befo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
+import io
+import logging
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -33,6 +37,28 @@ from repq.errors import RepqError
 from repq.reparam.io import atomic_save, load_checkpoint
 
 FORMAT = "repq-toolkit-quant/1"
+# What ModelOpt and the libraries it imports say that tells a repq user nothing: filtered where repq calls them.
+_THIRD_PARTY_NOISE = (
+    r".*torch\.jit\.script.* is deprecated",  # torch, when ModelOpt's modules are imported
+    r"Cannot find transformers package",  # ModelOpt's export helpers, at import
+    r"Could not identify the device for TensorQuantizer states",  # ModelOpt restoring quantizers on the CPU
+)
+
+
+@contextlib.contextmanager
+def quiet_modelopt():
+    """Silence ModelOpt's (and its imports') warnings and prints that say nothing to a repq user, around one
+    call into it; repq's own warnings and every error pass."""
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on CPU machines
+    level = cpp_log.level
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # "Inserted 67 quantizers"
+        for pattern in _THIRD_PARTY_NOISE:
+            warnings.filterwarnings("ignore", message=pattern)
+        cpp_log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            cpp_log.setLevel(level)
 QUANTIZED_TYPES = (nn.Conv2d, nn.Linear)
 
 
@@ -53,13 +79,18 @@ def quant_config(
     return {"quant_cfg": rules, "algorithm": algorithm}
 
 
-def forward_loop(loader: Iterable, num_batches: int | None = None) -> Callable[[nn.Module], None]:
-    """A ModelOpt forward loop over (images, labels) or images batches; NaN/inf in a batch is an error."""
+def forward_loop(loader: Iterable, num_batches: int | None = None, desc: str = "calibrate"
+                 ) -> Callable[[nn.Module], None]:
+    """A ModelOpt forward loop over (images, labels) or images batches, with progress; NaN/inf in a batch is
+    an error."""
+    from repq.progress import Progress
 
     def loop(model: nn.Module) -> None:
         device = next(model.parameters()).device
         seen = 0
-        with torch.no_grad():
+        total = len(loader) if hasattr(loader, "__len__") else 0
+        total = min(total, num_batches) if num_batches is not None else total
+        with torch.no_grad(), Progress(total, desc, unit="batch") as bar:
             for i, batch in enumerate(loader):
                 if num_batches is not None and i >= num_batches:
                     break
@@ -69,6 +100,7 @@ def forward_loop(loader: Iterable, num_batches: int | None = None) -> Callable[[
                                     "images (or their normalisation) and calibrate again")
                 model(images.to(device))
                 seen += 1
+                bar.update()
         if seen == 0:
             raise RepqError("the calibration loader yielded no batches: give it at least one image")
 
@@ -88,7 +120,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Fold every Conv2d -> BatchNorm2d pair (plain CNNs: ResNet-18) into the conv, as TensorRT would.
 
     Re-param blocks fuse their own BNs; this covers the BNs that sit beside ordinary convs, so the quantized
-    weight is the one the engine runs. Uses torch.fx; a model fx cannot trace is returned unchanged.
+    weight is the one the engine runs. The pairs come from torch.fx's graph; a model fx cannot trace gets the
+    pairs that are provably adjacent (a conv and the BN right after it in an nn.Sequential), and a BN that is
+    still left is refused in one line: the fake-quant model and the engine would differ.
     """
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         return model
@@ -96,11 +130,31 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     try:
         folded = fuse(model.eval())
-    except Exception:  # noqa: BLE001 -- untraceable control flow: keep the BNs, quantization still works
-        return model
+    except Exception:  # noqa: BLE001 -- untraceable control flow: fold what is provably adjacent
+        folded = _fold_sequential_pairs(copy.deepcopy(model).eval())
+    left = [n for n, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    if left:
+        raise RepqError(f"BatchNorm {left[0]} (and {len(left) - 1} more) cannot be folded into a conv: torch.fx "
+                        "cannot trace the model and the BN does not directly follow a conv in an nn.Sequential; "
+                        "fold it into its conv before quantizing")
     if hasattr(model, "repq_arch"):
         folded.repq_arch = model.repq_arch
     return folded
+
+
+def _fold_sequential_pairs(model: nn.Module) -> nn.Module:
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules)
+        for first, second in zip(names, names[1:], strict=False):
+            conv, bn = module._modules[first], module._modules[second]
+            if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d:
+                module._modules[first] = fuse_conv_bn_eval(conv, bn)
+                module._modules[second] = nn.Identity()
+    return model
 
 
 def check_skip_layers(model: nn.Module, skip_layers: Sequence[str]) -> None:
@@ -125,23 +179,51 @@ def quantize(
     record_outputs: bool = True,
 ) -> nn.Module:
     """A fake-quantized copy of `model` calibrated on `calib_loader` with `method`; `model` is untouched."""
-    import modelopt.torch.quantization as mtq
+    with quiet_modelopt():
+        import modelopt.torch.quantization as mtq
 
     calib = settings(method, percentile, num_batches)
     work = deploy_copy(model, fuse).eval()
     check_skip_layers(work, skip_layers)
-    loop = forward_loop(calib_loader, num_batches)
+    loop = forward_loop(calib_loader, num_batches, desc=f"calibrate ({calib.describe()})")
     config = quant_config(calib, skip_layers, record_outputs)
-    if config["algorithm"] is None:  # histogram calibrators: mtq.quantize cannot compute their amax (0.47)
-        work = mtq.quantize(work, config, None)
-        calibrate_histograms(work, loop, calib)
-    else:
-        work = mtq.quantize(work, config, loop)
+    with quiet_modelopt():
+        if config["algorithm"] is None:  # histogram calibrators: mtq.quantize cannot compute their amax (0.47)
+            work = mtq.quantize(work, config, None)
+            calibrate_histograms(work, loop, calib)
+        else:
+            work = mtq.quantize(work, config, loop)
     for module in work.modules():
         if isinstance(module, nn.Conv2d) and hasattr(module, "output_quantizer"):
             module.output_quantizer.disable()  # keeps its amax for export, leaves the forward as TensorRT's
     work.repq_quant = {"calibration": calib.model_dump(), "fused": fuse, "skip_layers": list(skip_layers)}
     return work
+
+
+def ptq_checkpoint(checkpoint: str | Path, data, config, out: str | Path, *, model: nn.Module | None = None,
+                   log=print) -> dict:
+    """The whole toolkit PTQ on files: the checkpoint's model, calibrated on ``config.calib_size`` training
+    images of ``data`` (read with the checkpoint's own split when a spec), written to ``out``; returns its
+    fake-quant accuracy on the val split and the file's record."""
+    from repq.calibration.loaders import build_loaders, calibration_loader
+    from repq.quant.finetune import resolve_data
+    from repq.training.evaluate import evaluate
+    from repq.training.train import load_model_checkpoint
+
+    loaded, ckpt = load_model_checkpoint(checkpoint) if model is None else (model, {})
+    data = resolve_data(data, ckpt) if model is None else data
+    calib = calibration_loader(data, min(config.calib_size, len(data.train)), config.batch_size, config.seed)
+    quantized = quantize(loaded.eval(), calib, config.method, config.percentile, fuse=config.fuse,
+                         skip_layers=config.skip_layers)
+    save_quantized(quantized, out, {"data": data.describe(), "source": str(checkpoint),
+                                    "config": config.model_dump(mode="json")})
+    _, val = build_loaders(data, min(64, len(data.train)), eval_batch_size=256)
+    accuracy = evaluate(quantized, val, progress=config.progress if hasattr(config, "progress") else False,
+                        desc=f"ptq {config.method}: evaluate")
+    accuracy.pop("count", None)
+    log(f"{len(quantized_layers(quantized))} layers quantized ({config.method}); fake-quant val "
+        + (f"PSNR {accuracy['psnr']:.2f} dB" if "psnr" in accuracy else f"top-1 {accuracy['top1']:.2f}%"))
+    return {"fakequant": accuracy, "file": str(out)}
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -152,11 +234,13 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def save_quantized(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:
     """Weights + quantizer state (amax included) so a later run loads it without recalibrating."""
-    import modelopt.torch.opt as mto
+    with quiet_modelopt():
+        import modelopt.torch.opt as mto
 
+        state = mto.modelopt_state(model)
     payload = {
         "format": FORMAT,
-        "modelopt_state": mto.modelopt_state(model),
+        "modelopt_state": state,
         "state_dict": model.state_dict(),
         "arch": getattr(model, "repq_arch", None),
         "quant": getattr(model, "repq_quant", {}),
@@ -167,7 +251,8 @@ def save_quantized(model: nn.Module, path: str | Path, extra: dict | None = None
 
 def load_quantized(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """The fake-quantized model saved by `save_quantized`; `model` (float, same form) or its recorded arch."""
-    import modelopt.torch.opt as mto
+    with quiet_modelopt():
+        import modelopt.torch.opt as mto
 
     ckpt = load_checkpoint(path)
     if ckpt.get("format") != FORMAT:
@@ -178,14 +263,14 @@ def load_quantized(path: str | Path, model: nn.Module | None = None) -> nn.Modul
         arch = ckpt.get("arch")
         if not arch:
             raise RepqError(f"{path} records no model architecture: pass the float model to load_quantized")
-        from repq.reparam import create_model
+        from repq.reparam import model_from_arch
 
-        model = create_model(arch["name"], **arch.get("kwargs", {}))
-        model = deploy_copy(model, quant.get("fused", True))
+        model = deploy_copy(model_from_arch({**arch, "deploy": False}), quant.get("fused", True))
     else:
         model = copy.deepcopy(model)
     try:
-        model = mto.restore_from_modelopt_state(model.eval(), ckpt["modelopt_state"])
+        with quiet_modelopt():
+            model = mto.restore_from_modelopt_state(model.eval(), ckpt["modelopt_state"])
     except Exception as err:  # ModelOpt raises ApplyModeError/KeyError for a quantizer layout it cannot map
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise RepqError(f"checkpoint {path} does not match the model ({first}): load it into the model "

@@ -13,6 +13,12 @@ import torch
 from repq.errors import RepqError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str | os.PathLike, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -21,6 +27,8 @@ def _atomic_write(path: str | os.PathLike, write) -> Path:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
+            # mkstemp makes the file private (0600): give it what a plain open() would have (0666 less the umask)
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -152,7 +152,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "ecbsr_m4c8": _ecbsr_m4c8,
 }
 
-TRANSFORMS: dict[str, Callable[[nn.Module], nn.Module]] = {"substitute_qarepvgg": substitute_qarepvgg}
+TRANSFORMS: dict[str, Callable[..., nn.Module]] = {"substitute_qarepvgg": substitute_qarepvgg,
+                                                  "convert_convs": convert_convs}
 
 
 def list_models() -> list[str]:
@@ -169,13 +170,15 @@ def is_super_resolution(name: str) -> bool:
     return name.startswith("ecbsr")
 
 
-def create_model(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
-    """Build a zoo model by name; ``deploy=True`` builds its fused form directly (to load fused weights)."""
-    if name not in MODELS:
+def create_model(name: str, num_classes: int | None = None, *, convert: str | None = None, **kwargs) -> nn.Module:
+    """Build a zoo model by name, or a torchvision CNN by its name (random weights); ``convert`` re-parametrizes
+    its kxk conv+BN pairs into those blocks (convert_convs); ``deploy=True`` builds a zoo model's fused form
+    directly (to load fused weights). The recipe of the build is kept on ``model.repq_arch``."""
+    factory = MODELS.get(name) or _torchvision_factory(name)
+    if factory is None:
         close = difflib.get_close_matches(name, MODELS, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else "run `repq models` for the list"
         raise RepqError(f"unknown model {name!r}: {hint}")
-    factory = MODELS[name]
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     accepted = inspect.signature(factory).parameters
@@ -185,7 +188,26 @@ def create_model(name: str, num_classes: int | None = None, **kwargs) -> nn.Modu
     model = factory(**kwargs)
     deploy = kwargs.pop("deploy", False)
     model.repq_arch = {"name": name, "kwargs": kwargs, "deploy": deploy}
+    if convert is not None:
+        model = convert_convs(model, convert, deploy=deploy)
+        model.repq_arch["transforms"] = [f"convert_convs:{convert}"]
     return model
+
+
+def _torchvision_factory(name: str) -> Callable[..., nn.Module] | None:
+    """A torchvision classification model by name, built without downloading weights."""
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        return None
+
+    def factory(num_classes: int = 1000, cifar: bool = False) -> nn.Module:
+        """`cifar` is accepted for the zoo's sake: a torchvision architecture keeps its own stem."""
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+    return factory
 
 
 def model_from_arch(arch: dict) -> nn.Module:
@@ -194,18 +216,38 @@ def model_from_arch(arch: dict) -> nn.Module:
         name, kwargs = arch["name"], dict(arch.get("kwargs", {}))
     except (KeyError, TypeError) as err:
         raise RepqError(f"checkpoint architecture record {arch!r} is malformed: re-save the checkpoint") from err
-    if arch.get("deploy"):
-        # Transforms only change training branches; the deploy form of the result is the same plain conv stack.
+    if arch.get("deploy") and not any(t.startswith("convert_convs") for t in arch.get("transforms", [])):
+        # Substitution only changes training branches; the deploy form is the same plain conv stack.
         model = create_model(name, deploy=True, **kwargs)
+    elif arch.get("deploy"):  # converted convs: build the training form, convert, fuse
+        from repq.reparam.convert import fuse_model
+
+        model = fuse_model(model_from_arch({**arch, "deploy": False}))
     else:
         model = create_model(name, **kwargs)
         for transform in arch.get("transforms", []):
-            if transform not in TRANSFORMS:
+            name_, _, argument = transform.partition(":")
+            if name_ not in TRANSFORMS:
                 raise RepqError(f"checkpoint asks for unknown transform {transform!r}: known are "
                                 f"{', '.join(TRANSFORMS)}")
-            model = TRANSFORMS[transform](model)
+            model = TRANSFORMS[name_](model, argument) if argument else TRANSFORMS[name_](model)
     model.repq_arch = dict(arch)
     return model
+
+
+def model_label(model_or_arch) -> str:
+    """The name a person knows a model by: the zoo name with its transforms applied (a substituted repvgg_a0
+    is qarepvgg_a0); a model without a record is named by its class."""
+    arch = model_or_arch if isinstance(model_or_arch, dict) else getattr(model_or_arch, "repq_arch", None)
+    if not isinstance(arch, dict):
+        return type(model_or_arch).__name__
+    name = str(arch.get("name", "model"))
+    for transform in arch.get("transforms", []):
+        if transform == "substitute_qarepvgg":
+            name = f"qa{name}" if name.startswith("repvgg") else f"{name}+qarepvgg"
+        else:
+            name = f"{name}+{transform}"
+    return name
 
 
 def custom_l2(model: nn.Module) -> Tensor:

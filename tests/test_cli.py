@@ -26,7 +26,7 @@ def test_recipe_show_prints_the_resolved_recipe(capsys):
     assert call("recipe", ["--show", "stages.train.epochs=3", "seed=7"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert validate_recipe(shown) == load_recipe(None, ["stages.train.epochs=3", "seed=7"])
-    assert shown["stages"]["ptq"]["calibrators"] and shown["data"]["source"] == "digits"
+    assert shown["stages"]["ptq"]["sweep"]["method"] and shown["data"]["source"] == "digits"
     with pytest.raises(RepqError, match=r"stages\.train\.epoch: unknown key; did you mean 'epochs'"):
         call("recipe", ["stages.train.epoch=3"])
     with pytest.raises(RepqError, match="neither the recipe"):
@@ -197,7 +197,7 @@ def test_eval_bad_inputs_are_one_line(classifier, tmp_path):
     with pytest.raises(RepqError, match="data folder .* does not exist"):
         call("eval", [str(classifier["checkpoint"]), "--data", str(tmp_path / "nowhere")])
     (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(RepqError, match="not an artifact repq eval knows"):
+    with pytest.raises(RepqError, match="not an artifact repq knows"):
         call("eval", [str(tmp_path / "x.txt"), "--data", "digits"])
 
 
@@ -262,7 +262,7 @@ def test_finetune_scores_on_the_checkpoints_own_val_split(tmp_path):
     assert call("finetune", ["--checkpoint", str(checkpoint), "--out", str(out), "--epochs", "0.05",
                              "--no-export", "--device", "cpu"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["fp32_top1"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["fp32"]["top1"] == pytest.approx(expected, abs=1e-6)
     assert len(val.dataset) == 359  # 20% of digits' 1,797 images, rounded
 
 
@@ -285,7 +285,7 @@ def test_finetune_killed_mid_run_resumes_with_resume_to_the_same_model(tmp_path,
     without --resume refuses to overwrite it, one with --resume writes the repq.pt an uninterrupted run
     writes (bit-exact) and removes the state."""
     torch = pytest.importorskip("torch")
-    from repq.pipeline.commands import finetune as finetune_module
+    from repq.quant import finetune as finetune_module
     from repq.reparam import create_model
     from repq.reparam.io import atomic_save
 
@@ -295,7 +295,7 @@ def test_finetune_killed_mid_run_resumes_with_resume_to_the_same_model(tmp_path,
     atomic_save({"arch": model.repq_arch, "state_dict": model.state_dict(),
                  "settings": {"val_size": 0.2, "split_seed": 3}}, checkpoint)
     common = ["--checkpoint", str(checkpoint), "--device", "cpu", "--epochs", "0.7", "--batch-size", "128",
-              "--w-bits", "4", "--a-bits", "4", "--no-export"]
+              "--w-bits", "4", "--a-bits", "4", "--no-export", "--save-every", "2"]
     assert call("finetune", [*common, "--out", str(tmp_path / "whole")]) == 0
     assert not (tmp_path / "whole" / "finetune_state.pt").exists()
 
@@ -310,13 +310,12 @@ def test_finetune_killed_mid_run_resumes_with_resume_to_the_same_model(tmp_path,
             raise Killed
         return real_loss(*args)
 
-    monkeypatch.setattr(finetune_module, "SAVE_EVERY", 2)
     monkeypatch.setattr(finetune_module, "finetune_loss", loss_then_kill)
     out = tmp_path / "killed"
     with pytest.raises(Killed):
         call("finetune", [*common, "--out", str(out)])
     monkeypatch.setattr(finetune_module, "finetune_loss", real_loss)
-    assert len(torch.load(out / "finetune_state.pt", weights_only=True)["losses"]) == 2
+    assert len(torch.load(out / "finetune_state.pt", weights_only=True)["train_state"]["losses"]) == 2
     with pytest.raises(RepqError, match="holds an interrupted fine-tune: pass --resume"):
         call("finetune", [*common, "--out", str(out)])
     assert call("finetune", [*common, "--resume", "--out", str(out)]) == 0
@@ -357,7 +356,7 @@ def test_finetune_start_from_continues_the_saved_state_and_refuses_other_setting
     assert all(torch.equal(first[k], continued[k]) for k in first)
     assert not all(torch.equal(first[k], fresh[k]) for k in first)
     metrics = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in "ab"]
-    assert metrics[1]["fake_quant_top1"] == metrics[0]["fake_quant_top1"]
+    assert metrics[1]["fake_quant"]["top1"] == metrics[0]["fake_quant"]["top1"]
     assert metrics[1]["started_from"] == saved
     with pytest.raises(RepqError, match="other quantizer settings .*w_bits 4 there, 8 here"):
         call("finetune", [*common[:4], "--start-from", saved, "--out", str(tmp_path / "d")])

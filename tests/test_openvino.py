@@ -157,6 +157,28 @@ def test_static_batch_benchmark_and_accuracy(nets, images):
         engine.benchmark((3, 12, 12), [4], warmup=0, runs=1)
 
 
+def test_dynamic_batch_engine_benchmarks_growing_batches_after_evaluating(nets, images):
+    """The bench stage's order on a dynamic-batch file: score it, then time batch 1 and batch 32. The timed runs
+    share their input array with an infer request, which OpenVINO then cannot grow to a larger batch ("Could set
+    new shape: [32,3,12,12]" killed `repq run` with the openvino target)."""
+    engine = OpenVinoEngine(nets["fp32"], threads=1)
+    labels = ort_reference(nets["fp32"], images).argmax(1)
+    assert engine.evaluate([(images[:4], labels[:4])])["top1"] == 100.0
+    stats = engine.benchmark((3, 12, 12), [1, 32, 2], warmup=1, runs=3)
+    assert [s.batch_size for s in stats] == [1, 32, 2] and all(s.runs == 3 and s.median_ms > 0 for s in stats)
+    big = np.concatenate([images] * 7)  # 42 images: the engine itself still runs any batch, correctly
+    np.testing.assert_allclose(engine(big), ort_reference(nets["fp32"], big), rtol=1e-4, atol=1e-5)
+
+
+def test_availability_is_asked_per_file(nets, monkeypatch):
+    import repq.engines.openvino
+    from repq.engines.openvino import openvino_unavailable_reason
+
+    monkeypatch.setattr(repq.engines.openvino, "openvino_int8_problem", lambda: "inexact INT8 kernels here")
+    assert openvino_unavailable_reason(nets["qdq"]) == "inexact INT8 kernels here"
+    assert openvino_unavailable_reason(nets["fp32"]) is None and openvino_unavailable_reason() is None
+
+
 def test_coverage_names_fallback_layers():
     from repq.engines.openvino import LayerPrecision
 

@@ -11,7 +11,7 @@ import pytest
 # and near-tied logits of an untrained model flip with float rounding.
 TINY = ["model.width_mult=0.125", "stages.train.epochs=2", "stages.train.max_steps_per_epoch=20",
         "stages.train.warmup_epochs=0", "stages.train.batch_size=64", "stages.substitute.epochs=1",
-        "stages.ptq.calibrators=['max']", "stages.ptq.calib_size=64", "stages.repq.modes=['bnest']",
+        "stages.ptq.sweep={method: [max]}", "stages.ptq.calib_size=64", "stages.repq.method=bnest_corrected",
         "stages.repq.epochs=0.05", "stages.repq.batch_size=64", "stages.repq.distill=0.5",
         "stages.repq.recalibrate_bn=2", "stages.repq.freeze_bn_at=0.5", "stages.bench.batch_sizes=[1,4]",
         "stages.bench.warmup=1", "stages.bench.iters=3"]
@@ -53,7 +53,7 @@ def test_the_parity_ladder_is_consistent(run_dir):
     assert ptq["train"] == pytest.approx(ptq["fused"], abs=1.0)  # the fused model is the same function
     # The TensorRT-placement file in ONNX Runtime computes the fake-quant model (to float rounding).
     assert ptq["qdq_onnx"] == pytest.approx(ptq["fakequant"], abs=1.2)
-    repq = ladder["qarepvgg_a0 RepQ-bnest W8A8"]
+    repq = ladder["qarepvgg_a0 RepQ-BNEst(corrected) W8A8"]
     assert repq["qdq_onnx"] == pytest.approx(repq["fakequant"], abs=1.2)
     rows = {(r["method"], r["engine"]) for r in metrics["methods"] if "latency_ms" in r and "top1" in r}
     assert ("qarepvgg_a0 PTQ max", "onnxruntime") in rows and ("FP32 qarepvgg_a0", "onnxruntime") in rows

@@ -44,7 +44,7 @@ def test_recipes_default_yaml_is_the_embedded_default():
 def test_unknown_key_gets_one_line_with_path_suggestion_and_allowed_keys(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages:\n  train:\n    epoch: 3\n    lr: -1\n"
-                   "  ptq:\n    calibrators: [max, hist]\nmodle: {}\n")
+                   "  ptq:\n    sweep: {method: [max, hist]}\nmodle: {}\n")
     with pytest.raises(RepqError) as info:
         load_recipe(bad)
     lines = str(info.value).splitlines()
@@ -53,7 +53,8 @@ def test_unknown_key_gets_one_line_with_path_suggestion_and_allowed_keys(tmp_pat
     assert "did you mean 'epochs'?" in by_key["stages.train.epoch"]
     assert "allowed here:" in by_key["stages.train.epoch"] and "weight_decay" in by_key["stages.train.epoch"]
     assert "greater than 0" in by_key["stages.train.lr"] and "(got -1)" in by_key["stages.train.lr"]
-    assert "'max', 'entropy', 'percentile' or 'mse'" in by_key["stages.ptq.calibrators.1"]
+    assert "the run {'method': 'hist'} of the sweep has a bad method" in by_key["stages.ptq"]
+    assert "'max', 'entropy', 'percentile' or 'mse'" in by_key["stages.ptq"]
     assert "did you mean 'model'?" in by_key["modle"]
     assert all(line.startswith(str(bad)) for line in lines)
 
@@ -65,11 +66,40 @@ def test_key_in_the_wrong_section_points_to_the_right_one():
         load_recipe(None, ["stages.train.model=resnet18"])
 
 
+def test_renamed_keys_say_what_replaced_them():
+    with pytest.raises(RepqError, match=r"stages\.ptq\.calibrators: unknown key; renamed: write "
+                                        r"stages\.ptq\.sweep=\{method: \[max, entropy\]\}"):
+        load_recipe(None, ["stages.ptq.calibrators=[max,entropy]"])
+    with pytest.raises(RepqError, match="bnest is now bnest_corrected"):
+        load_recipe(None, ["stages.repq.modes=[bnest]"])
+
+
+def test_every_value_a_stage_would_refuse_is_refused_by_the_recipe():
+    """The sections are the operations' own settings: what QAT, PTQ or a fine-tune would refuse at its start,
+    the recipe refuses before any stage runs (each combination of a sweep too)."""
+    cases = [("stages.qat.epochs=0", "stages.qat.epochs"), ("stages.ptq.calib_size=0", "calib_size"),
+             ("stages.repq.w_bits=9", "w_bits"), ("stages.train.device=gpu", "device"),
+             ("stages.repq.method=bnest", "method"),
+             ("stages.repq.sweep={bits: [8, 1]}", r"the run \{'bits': 1\} of the sweep has a bad w_bits")]
+    for override, field in cases:
+        with pytest.raises(RepqError, match=field) as info:
+            load_recipe(None, [override])
+        assert "\n" not in str(info.value), override
+
+
+def test_bare_words_in_lists_and_mappings():
+    recipe = load_recipe(None, ["stages.ptq.sweep.method=[max,entropy]", "stages.repq.sweep={method: [repq, bn]}",
+                                "stages.engine.targets=[onnxruntime,openvino]"])
+    assert recipe.stages.ptq.sweep == {"method": ["max", "entropy"]}
+    assert recipe.stages.repq.sweep == {"method": ["repq", "bn"]}
+    assert recipe.stages.engine.targets == ["onnxruntime", "openvino"]
+
+
 def test_overrides_are_literals_applied_before_validation():
-    recipe = load_recipe(None, ["stages.train.epochs=3", "stages.ptq.calibrators=['max']",
+    recipe = load_recipe(None, ["stages.train.epochs=3", "stages.ptq.sweep={'method': ['max']}",
                                 "model.name=resnet18", "stages.qat.enabled=true", "model.width_mult=none",
                                 "stages.train.lr=1e-3", "model.kwargs.deploy=False"])
-    assert recipe.stages.train.epochs == 3 and recipe.stages.ptq.calibrators == ["max"]
+    assert recipe.stages.train.epochs == 3 and recipe.stages.ptq.sweep == {"method": ["max"]}
     assert recipe.model.name == "resnet18" and recipe.stages.qat.enabled is True
     assert recipe.model.width_mult is None and recipe.stages.train.lr == 1e-3
     assert recipe.model.kwargs == {"deploy": False}
@@ -110,14 +140,23 @@ def test_settings_hash_tracks_settings_not_key_order_or_progress():
 
 
 def test_train_settings_combine_the_stage_with_model_data_and_seed():
-    pytest.importorskip("repq.pipeline.train")
     recipe = load_recipe(None, ["seed=5", "data.preset=cifar", "stages.train.epochs=2"])
     settings = train_settings(recipe)
     assert (settings.model, settings.width_mult, settings.seed, settings.preset, settings.epochs) == \
         ("repvgg_a0", 0.5, 5, "cifar", 2)
 
-    with pytest.raises(RepqError, match="model.convert=acb .* not wired"):
-        train_settings(load_recipe(None, ["model.convert=acb"]))
+
+def test_model_convert_reparametrizes_a_torchvision_cnn():
+    from repq.reparam import ACBlock
+    from repq.training.train import build_model
+
+    settings = train_settings(load_recipe(None, ["model.name=resnet18", "model.width_mult=none",
+                                                 "model.convert=acb"]))
+    assert settings.convert == "acb"
+    model = build_model(settings, num_classes=10, cifar=True)
+    blocks = [m for m in model.modules() if isinstance(m, ACBlock)]
+    assert len(blocks) == 17  # every 3x3 conv+BN of ResNet-18 (7x7 stem and 1x1 shortcuts stay plain)
+    assert model.repq_arch["transforms"] == ["convert_convs:acb"]
 
 
 def test_repq_bn_schedule_settings_are_validated():

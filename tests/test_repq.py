@@ -284,7 +284,7 @@ def test_wrap_model_refuses_bad_input():
 
 def _ort_vs_torch(model: nn.Module, x: torch.Tensor, path: Path) -> tuple[np.ndarray, np.ndarray]:
     ort = pytest.importorskip("onnxruntime")
-    from repq.pipeline.commands.finetune import export_quantized
+    from repq.quant.finetune import export_quantized
 
     model.train()(x)
     model.eval()
@@ -321,12 +321,12 @@ def test_exported_deeper_model_differs_only_by_rounding_boundary_flips(tmp_path)
 
 
 def test_finetune_checkpoint_rebuilds_the_same_quantized_model():
-    from repq.pipeline.commands.finetune import quantized_model, rebuild
+    from repq.quant.finetune import quantized_model, rebuild
 
     torch.manual_seed(0)
     float_model = create_model("qarepvgg_a0", num_classes=10, cifar=True, width_mult=0.125)
     arch = dict(float_model.repq_arch)
-    model = quantized_model(float_model, "bnest", 4, 8)
+    model = quantized_model(float_model, method="bnest_corrected", w_bits=4, a_bits=8)
     x = torch.randn(4, 3, 8, 8)
     model.train()(x)
     rebuilt = rebuild({"arch": arch, "quant": model.repq_quant, "state_dict": model.state_dict()})
@@ -363,7 +363,7 @@ def test_bnest_first_batch_calibration_keeps_a_trained_model_the_same_function(p
 
 
 def test_bnest_correction_buffers_survive_a_save_and_rebuild(tmp_path):
-    from repq.pipeline.commands.finetune import rebuild
+    from repq.quant.finetune import rebuild
 
     model = create_model("repvgg_a0", num_classes=4, cifar=True, width_mult=0.125)
     wrapped = wrap_model(model, "bnest", 8, 8).train()
@@ -392,7 +392,7 @@ def test_channel_moments_equal_var_mean_even_with_a_large_offset():
 def test_plain_models_get_lsq_on_bn_folded_convs_and_rebuild(name, kwargs):
     """The Plain baseline: a model trained without re-param (single conv-BN layers, or torchvision's plain
     ResNet-18) has its BNs folded and LSQ on every conv; with the quantizers off it is the FP model."""
-    from repq.pipeline.commands.finetune import quantized_model, rebuild
+    from repq.quant.finetune import quantized_model, rebuild
     from repq.quant.lsq import without_quantizers
 
     torch.manual_seed(0)
@@ -400,7 +400,7 @@ def test_plain_models_get_lsq_on_bn_folded_convs_and_rebuild(name, kwargs):
     x = torch.randn(4, 3, 16, 16)
     float_model.train()(x)  # non-trivial BN running statistics
     arch = dict(float_model.repq_arch)
-    model = quantized_model(float_model, "merged", 8, 8)
+    model = quantized_model(float_model, method="merged", w_bits=8, a_bits=8)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     convs = [m for m in float_model.modules() if isinstance(m, nn.Conv2d)]
     assert len([m for m in model.modules() if isinstance(m, LSQConv2d)]) == len(convs)
@@ -416,7 +416,7 @@ def test_plain_models_get_lsq_on_bn_folded_convs_and_rebuild(name, kwargs):
 
 
 def test_distillation_loss_is_the_cross_entropy_to_the_fp_model_and_mixes_with_the_labels():
-    from repq.pipeline.commands.finetune import distillation_teacher, finetune_loss
+    from repq.quant.finetune import distillation_teacher, finetune_loss
 
     torch.manual_seed(0)
     fp = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125).eval()
@@ -439,7 +439,7 @@ def test_distillation_loss_is_the_cross_entropy_to_the_fp_model_and_mixes_with_t
 def test_bn_recalibration_averages_the_batch_statistics_of_the_final_weights(mode):
     """The stem block reads the image, so its dense BN's statistics can be computed independently: after
     recalibrating over 3 batches, the running mean/var are the plain averages of the 3 batch statistics."""
-    from repq.pipeline.commands.finetune import recalibrate_bn
+    from repq.quant.finetune import recalibrate_bn
 
     torch.manual_seed(0)
     model = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125), mode)
@@ -473,7 +473,7 @@ def test_bn_recalibration_averages_the_batch_statistics_of_the_final_weights(mod
 
 
 def test_bn_recalibration_leaves_frozen_statistics_alone():
-    from repq.pipeline.commands.finetune import recalibrate_bn
+    from repq.quant.finetune import recalibrate_bn
 
     torch.manual_seed(0)
     model = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125), "repq")
@@ -488,7 +488,7 @@ def test_freezing_bn_makes_the_last_steps_train_the_deploy_kernel(mode):
     """finetune(freeze_bn_at=0.5) over 4 steps: recalibration over 2 batches after step 2, then the running
     statistics stay as recalibrated, a training forward equals the eval forward (the fused deploy model), and
     the steps still move every branch weight, BN affine parameter and quantizer step."""
-    from repq.pipeline.commands.finetune import finetune
+    from repq.quant.finetune import finetune
 
     torch.manual_seed(0)
     model = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125), mode, 4, 4)
@@ -502,7 +502,7 @@ def test_freezing_bn_makes_the_last_steps_train_the_deploy_kernel(mode):
             snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
             snapshots.append([(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns])
 
-    assert len(finetune(model, batches, epochs=2, lr=0.05, log=log, recalibrate_batches=2, freeze_bn_at=0.5)) == 4
+    assert len(finetune(model, batches, epochs=2, lr=0.05, log=log, recalibrate_bn=2, freeze_bn_at=0.5)) == 4
     params, stats = snapshots
     assert all(int(bn.num_batches_tracked) == 2 for bn in bns)  # the recalibration's 2 batches, then no update
     for bn, (mean, var) in zip(bns, stats, strict=True):
@@ -533,15 +533,15 @@ def test_training_forward_differs_from_eval_until_bn_is_frozen():
         assert torch.equal(model.train()(x), model.eval()(x))
 
 
-@pytest.mark.parametrize("method", ["bnest", "merged"])
+@pytest.mark.parametrize("method", ["bnest_corrected", "merged"])
 def test_weight_init_picks_the_weight_steps_start_and_first_last_layers_keep_their_default(method):
-    from repq.pipeline.commands.finetune import quantized_model
+    from repq.quant.finetune import quantized_model
     from repq.quant.repq import quantized_layers
 
     def weight_inits(weight_init):
         torch.manual_seed(0)
         model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.25)
-        model = quantized_model(model, method, 4, 4, weight_init=weight_init)
+        model = quantized_model(model, method=method, w_bits=4, a_bits=4, weight_init=weight_init)
         return [(m.weight_quantizer.bits, m.weight_quantizer.init) for m in quantized_layers(model).values()]
 
     default, minerror = weight_inits(None), weight_inits("minerror")
@@ -577,17 +577,21 @@ def _count_forwards(model: nn.Module, kill_at: int | None = None) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize(("kill_at", "saved_step", "forwards_left"), [(29, 27, 13), (36, 30, 8)],
+@pytest.mark.parametrize(("kill_at", "saved_step", "forwards_left"), [(38, 27, 13), (45, 30, 8)],
                          ids=["before-the-freeze", "after-the-freeze"])
 def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, kill_at, saved_step, forwards_left):
     """A fine-tune of 1.5 x 25 batches killed mid-step in its second epoch, before or after BN freezes at step
     30, and run again with the same state file continues from its last saved state (every 9 steps, and at the
     freeze) and ends bit-exactly where an uninterrupted run ends: same weights, steps, statistics, losses. The
     resumed run takes only the steps after that state (a restart would end there too, so this is what shows it
-    continued), plus the freeze's 2 recalibration batches when the state predates the freeze."""
-    from repq.pipeline.commands.finetune import finetune
+    continued), plus the freeze's 2 recalibration batches when the state predates the freeze. The model is
+    untrained, so its BN statistics are stale: the killed run re-estimated them over 8 batches before step 0
+    (plus one probe forward), which the resumed run must not repeat."""
+    from repq.quant.finetune import STALE_BN_BATCHES, finetune
 
-    settings = dict(epochs=1.5, lr=0.05, recalibrate_batches=2, freeze_bn_at=0.8, save_every=9, log=lambda _: None)
+    assert STALE_BN_BATCHES == 8  # the kill points count these forwards
+
+    settings = dict(epochs=1.5, lr=0.05, recalibrate_bn=2, freeze_bn_at=0.8, save_every=9, log=lambda _: None)
     reference, loader = _digits_finetune_setup()
     expected_losses = finetune(reference, loader, **settings)
     total = len(expected_losses)
@@ -598,7 +602,7 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, kill_at, 
     _count_forwards(killed, kill_at)
     with pytest.raises(_Killed):
         finetune(killed, loader, state_path=state, **settings)
-    assert len(torch.load(state, weights_only=True)["losses"]) == saved_step
+    assert len(torch.load(state, weights_only=True)["train_state"]["losses"]) == saved_step
 
     resumed, loader = _digits_finetune_setup()
     calls = _count_forwards(resumed)
@@ -613,12 +617,12 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, kill_at, 
 
 
 def test_a_finetune_state_resumes_only_the_same_plan(tmp_path):
-    from repq.pipeline.commands.finetune import finetune
+    from repq.quant.finetune import finetune
 
     state = tmp_path / "state.pt"
     model, loader = _digits_finetune_setup()
     finetune(model, loader, epochs=0.5, lr=0.05, log=lambda _: None, state_path=state, save_every=5)
-    with pytest.raises(RepqError, match=r"state of another fine-tune \(steps 13 there, 25 here; lr 0.05 there, "
+    with pytest.raises(RepqError, match=r"state of another run \(total_steps 13 there, 25 here; lr 0.05 there, "
                                         r"0.1 here\): rerun with its settings"):
         finetune(_digits_finetune_setup()[0], loader, epochs=1, lr=0.1, log=lambda _: None, state_path=state)
     other = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.25), "bnest", 4, 4)
@@ -636,12 +640,12 @@ def test_a_finetune_on_cuda_follows_the_cpu_one_and_exports(tmp_path):
     float32 without TF32: the same losses step by step and the same learned steps and weights, within what
     float summation order moves (a rounding boundary crossed now and then), and the CUDA model exports."""
     from repq.engines.onnxruntime import OrtEngine
-    from repq.pipeline.commands.finetune import export_quantized, finetune
+    from repq.quant.finetune import export_quantized, finetune
 
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        settings = dict(epochs=0.4, lr=0.05, recalibrate_batches=2, freeze_bn_at=0.5, log=lambda _: None)
+        settings = dict(epochs=0.4, lr=0.05, recalibrate_bn=2, freeze_bn_at=0.5, log=lambda _: None)
         on_cpu, loader = _digits_finetune_setup()
         on_cuda = copy.deepcopy(on_cpu).cuda()
         cpu_losses = finetune(on_cpu, loader, **settings)

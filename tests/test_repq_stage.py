@@ -6,14 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from repq.pipeline.commands import finetune as finetune_module
-from repq.pipeline.recipe import RepQSettings, load_recipe
+from repq.pipeline.recipe import load_recipe
 from repq.pipeline.run_stages import repq_stage
+from repq.pipeline.sections import RepQSection
 from repq.pipeline.stages import StageContext, StageRecord
+from repq.quant import finetune as finetune_module
 from repq.reparam import create_model
 from repq.reparam.io import atomic_save
 
-SETTINGS = RepQSettings(modes=["bnest"], bits=[8, 4], epochs=0.2, batch_size=64, lr=0.01)
+SETTINGS = RepQSection(method="bnest_corrected", sweep={"bits": [8, 4]}, epochs=0.2, batch_size=64, lr=0.01,
+                       save_every=2, progress=False)
 
 
 class Killed(Exception):
@@ -38,14 +40,14 @@ def attempt(upstream, folder: Path, resume: bool, lines: list[str]) -> dict:
 
 
 def state_dicts(folder: Path) -> dict:
-    return {p.name: torch.load(p, weights_only=True)["state_dict"] for p in sorted(folder.glob("*.pt"))}
+    return {p.parent.name: torch.load(p, weights_only=True)["state_dict"] for p in sorted(folder.glob("*/repq.pt"))}
 
 
 def test_an_interrupted_repq_stage_keeps_finished_fine_tunes_and_resumes_the_current_one(
         upstream, tmp_path, monkeypatch):
     whole = attempt(upstream, tmp_path / "whole", False, [])
     expected = state_dicts(tmp_path / "whole")
-    assert sorted(expected) == ["repvgg_a0_repq_bnest_w4a4.pt", "repvgg_a0_repq_bnest_w8a8.pt"]
+    assert sorted(expected) == ["repvgg_a0_repq_bnest_corrected_w4a4", "repvgg_a0_repq_bnest_corrected_w8a8"]
 
     real_loss, calls = finetune_module.finetune_loss, [0]
 
@@ -55,19 +57,18 @@ def test_an_interrupted_repq_stage_keeps_finished_fine_tunes_and_resumes_the_cur
             raise Killed
         return real_loss(*args)
 
-    monkeypatch.setattr(finetune_module, "SAVE_EVERY", 2)
     monkeypatch.setattr(finetune_module, "finetune_loss", loss_then_kill)
     folder = tmp_path / "attempt"
     with pytest.raises(Killed):
         attempt(upstream, folder, False, [])
-    assert sorted(p.name for p in folder.glob("*.pt")) == ["repvgg_a0_repq_bnest_w4a4.state.pt",
-                                                           "repvgg_a0_repq_bnest_w8a8.pt"]
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.glob("*/*.pt")) == [
+        "repvgg_a0_repq_bnest_corrected_w4a4/finetune_state.pt", "repvgg_a0_repq_bnest_corrected_w8a8/repq.pt"]
     monkeypatch.setattr(finetune_module, "finetune_loss", real_loss)
     lines = []
     resumed = attempt(upstream, folder, True, lines)
     assert any("W8A8: fine-tuned before the interruption, kept" in line for line in lines)
     assert any("W4A4: resuming the fine-tune" in line and "at step 2/5" in line for line in lines)
-    assert not list(folder.glob("*.state.pt"))
+    assert not list(folder.glob("*/finetune_state.pt"))
     got = state_dicts(folder)
     assert got.keys() == expected.keys()
     for name, state in expected.items():

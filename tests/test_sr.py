@@ -74,15 +74,16 @@ def test_bad_super_resolution_data_gets_one_line_errors(tmp_path):
 
 @needs_sr
 def test_training_raises_psnr_above_the_untrained_model_and_the_deploy_form_agrees(tmp_path):
-    from repq.pipeline.train import TrainSettings, train
     from repq.reparam import create_model
+    from repq.training.config import TrainConfig
+    from repq.training.train import train
 
     data = load_sr_data(SR / "Set14", SR / "Set5", 2, patch=24, per_image=8)
     torch.manual_seed(0)
     untrained = create_model("ecbsr_m4c8", scale=2).eval()
     with torch.no_grad():
         before = data.val.score(lambda x: untrained(torch.from_numpy(x)).numpy())["psnr"]
-    settings = TrainSettings(model="ecbsr_m4c8", epochs=2, batch_size=16, optimizer="adamw", lr=2e-3,
+    settings = TrainConfig(model="ecbsr_m4c8", epochs=2, batch_size=16, optimizer="adamw", lr=2e-3,
                              weight_decay=0.0, label_smoothing=0.0, warmup_epochs=0, progress=False)
     summary = train(settings, data, tmp_path / "run")
     best = summary["best"]
@@ -110,7 +111,7 @@ def test_the_ecbsr_recipe_runs_every_stage_and_reports_psnr_on_the_engine(tmp_pa
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     engine = {r["method"]: r["psnr"] for r in metrics["methods"] if r.get("engine") == "onnxruntime" and "psnr" in r}
     fp32 = engine["FP32 ecbsr_m4c8"]
-    assert {"ecbsr_m4c8 PTQ max", "ecbsr_m4c8 RepQ-repq W8A8"} <= set(engine)
+    assert {"ecbsr_m4c8 PTQ max", "ecbsr_m4c8 RepQ W8A8"} <= set(engine)
     for method, value in engine.items():
         assert value == pytest.approx(fp32, abs=0.5), method  # INT8 costs a fraction of a dB
     # The ORT file scored by `repq eval` on Set5 (whole images, dynamic size) matches the engine stage.
@@ -118,7 +119,7 @@ def test_the_ecbsr_recipe_runs_every_stage_and_reports_psnr_on_the_engine(tmp_pa
     result = subprocess.run([sys.executable, "-m", "repq", "eval", str(onnx_file), "--data",
                              str(SR / "Set5"), "--scale", "2", "--json"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout)["psnr"] == pytest.approx(engine["ecbsr_m4c8 RepQ-repq W8A8"], abs=1e-3)
+    assert json.loads(result.stdout)["psnr"] == pytest.approx(engine["ecbsr_m4c8 RepQ W8A8"], abs=1e-3)
     assert "PSNR (dB)" in (tmp_path / "run" / "report.md").read_text()
 
 

@@ -66,16 +66,19 @@ def test_topk_accuracy_by_hand():
         ("10.8.0.43", "int8", True, (), False),
         ("11.1.0", "int8", True, (), False),
         ("8.6.1", "fp16", False, ("FP16",), False),
-        ("10.13.3", "fp16", False, ("FP16",), False),
+        ("9.3.0", "fp16", False, ("FP16",), False),
+        ("10.0.1", "fp16", True, (), True),
+        ("10.13.3", "fp16", True, (), True),
         ("11.0.0", "fp16", True, (), True),
     ],
 )
 def test_build_plan_per_version(version, precision, strongly_typed, flags, fp16_onnx):
     plan = trt_engine.build_plan(version, precision)
     assert (plan.strongly_typed, plan.flags, plan.fp16_onnx) == (strongly_typed, flags, fp16_onnx)
-    # TensorRT 11 removed every precision flag: no plan may ask for one there.
-    if plan.version >= (11, 0):
-        assert plan.flags == ()
+    # From 10.x on, FP16 and INT8 go through the same strongly typed network: the weakly typed precision flags
+    # are deprecated since 10.12 and removed in 11, so no plan may ask for one there.
+    if plan.version >= (10, 0):
+        assert plan.flags == () and plan.strongly_typed
 
 
 def test_build_plan_refuses_old_or_unknown():
@@ -305,8 +308,9 @@ def test_int8_engine_matches_onnxruntime_and_runs_int8(tmp_path):
     images = np.random.default_rng(1).uniform(-2.5, 2.5, (4, 3, 12, 12)).astype(np.float32)
     out, ref = engine(images), ort_reference(qdq, images)
     assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
-    stats = engine.benchmark([1, 8], warmup=2, runs=5, cuda_graph=True)
+    stats = engine.benchmark((3, 12, 12), [1, 8], warmup=2, runs=5, cuda_graph=True)
     assert [s.batch_size for s in stats] == [1, 8] and all(s.median_ms > 0 for s in stats)
+    assert engine.describe()["input_dtype"] == "float32"
 
 
 @needs_tensorrt
@@ -315,6 +319,171 @@ def test_fp16_engine_matches_onnxruntime(tmp_path):
 
     fp32 = build_net(tmp_path / "fp32.onnx", quantized=False)
     built = trt_engine.build_engine(fp32, tmp_path / "fp16.engine", precision="fp16", batch_sizes=[1, 4])
+    if built.plan.fp16_onnx:  # strongly typed: built from the FP16 conversion, I/O kept float32
+        assert (tmp_path / "fp16.onnx").is_file()
     engine = trt_engine.TensorRTEngine(built.engine_path)
     images = np.random.default_rng(2).uniform(-1, 1, (4, 3, 12, 12)).astype(np.float32)
     np.testing.assert_allclose(engine(images), ort_reference(fp32, images), rtol=2e-2, atol=2e-2)
+    assert engine.input_dtype == __import__("torch").float32
+
+
+@needs_tensorrt
+def test_open_engine_builds_the_plan_beside_the_onnx_file_once(tmp_path):
+    from test_openvino import build_net, ort_reference
+
+    from repq.engines.engine import open_engine
+
+    qdq = build_net(tmp_path / "net.trt.onnx", quantized=True)
+    engine = open_engine(qdq, "tensorrt", batch_sizes=(1, 4))
+    plan = tmp_path / "net.trt.int8.plan"
+    for sidecar in ("", ".log", ".layers.json", ".build.json"):
+        assert (tmp_path / f"net.trt.int8.plan{sidecar}").is_file(), sidecar
+    assert engine.precision == "int8" and engine.describe()["built_now"]
+    images = np.random.default_rng(4).uniform(-2.5, 2.5, (9, 3, 12, 12)).astype(np.float32)  # 9 > 4: chunked
+    ref = ort_reference(qdq, images)
+    assert np.abs(engine(images) - ref).max() <= 0.05 * np.abs(ref).max()
+    stamp = plan.stat().st_mtime_ns
+    again = open_engine(qdq, "tensorrt", batch_sizes=(1, 4))  # fresh: loaded, not rebuilt
+    assert plan.stat().st_mtime_ns == stamp and not again.describe()["built_now"]
+    direct = open_engine(plan, "tensorrt")  # a plan path loads directly
+    assert direct.onnx_path == qdq and np.abs(direct(images) - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+# ---------------------------------------------------------------- FP16 ONNX for the strongly typed FP16 build
+
+
+def _ort_run(model_or_path, images):
+    import onnxruntime as ort
+
+    source = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: images})[0]
+
+
+def test_fp16_conversion_of_an_exported_repvgg_runs_like_fp32_in_onnxruntime(tmp_path):
+    import onnx
+    import torch
+    from onnx import TensorProto
+
+    from repq.engines.export import export_float
+    from repq.reparam import create_model, fuse_model
+
+    torch.manual_seed(0)
+    model = fuse_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.25)).eval()
+    fp32 = tmp_path / "model_fp32.onnx"
+    fp32.write_bytes(export_float(model, (1, 3, 32, 32), 17, True).SerializeToString())
+    out = trt_engine.write_fp16_onnx(fp32, tmp_path / "model_fp32.fp16.onnx")
+    converted = onnx.load(str(out))
+    graph = converted.graph
+    # float32 at the interface, float16 inside: casts at both ends, every weight in FP16.
+    assert graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert (graph.node[0].op_type, graph.node[-1].op_type) == ("Cast", "Cast")
+    kinds = {init.data_type for init in graph.initializer}
+    assert kinds == {TensorProto.FLOAT16}
+    images = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    got = _ort_run(out, images)
+    error = np.abs(got - expected).max() / np.abs(expected).max()
+    # FP16 weights change the function a little (so the conversion happened), far below the logits' scale.
+    assert 0 < error < 1e-2, error
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_fp16_conversion_handles_constants_casts_and_resize_scales():
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    # y = Resize(x * c + Cast(int_one), scales) ; c a Constant node, scales a float32-only Resize input.
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.float32(1.5).reshape(()))),
+        helper.make_node("Constant", [], ["k"], value_float=0.25),
+        helper.make_node("Cast", ["one"], ["one_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x", "c"], ["xc"]),
+        helper.make_node("Add", ["xc", "one_f"], ["xa"]),
+        helper.make_node("Sub", ["xa", "k"], ["xs"]),
+        helper.make_node("Resize", ["xs", "", "scales"], ["y"], mode="nearest"),
+    ]
+    inits = [numpy_helper.from_array(np.array(1, np.int64), "one"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 6, 6])], inits,
+                              value_info=[helper.make_tensor_value_info("xc", TensorProto.FLOAT, ["n", 2, 3, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    converted = trt_engine.convert_to_fp16(model)
+    by_name = {init.name: init.data_type for init in converted.graph.initializer}
+    assert by_name == {"one": TensorProto.INT64, "scales": TensorProto.FLOAT}  # Resize's scales stay float32
+    casts = [n for n in converted.graph.node if n.op_type == "Cast" and n.input[0] == "one"]
+    assert casts[0].attribute[0].i == TensorProto.FLOAT16
+    assert converted.graph.value_info[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    x = np.random.default_rng(1).uniform(-2, 2, (2, 2, 3, 3)).astype(np.float32)
+    expected = np.repeat(np.repeat(x * 1.5 + 1 - 0.25, 2, axis=2), 2, axis=3)  # by hand
+    np.testing.assert_allclose(_ort_run(converted, x), expected, rtol=2e-3, atol=2e-3)
+    onnx.checker.check_model(converted, full_check=True)
+
+
+def test_fp16_conversion_refuses_qdq_files(tmp_path):
+    import onnx
+    from test_openvino import build_net
+
+    qdq = onnx.load(str(build_net(tmp_path / "qdq.onnx", quantized=True)))
+    with pytest.raises(RepqError, match="Q/DQ nodes"):
+        trt_engine.convert_to_fp16(qdq)
+
+
+# ---------------------------------------------------------------- plans beside the ONNX file, I/O dtypes
+
+
+def test_every_tensorrt_io_type_maps_to_the_torch_dtype_of_the_same_width_and_kind():
+    import torch
+
+    widths = {"FLOAT": 4, "HALF": 2, "BF16": 2, "INT8": 1, "UINT8": 1, "INT32": 4, "INT64": 8, "BOOL": 1}
+    assert set(trt_engine.TRT_TORCH_DTYPES) == set(widths)
+    for member, name in trt_engine.TRT_TORCH_DTYPES.items():
+        dtype = getattr(torch, name)
+        assert torch.empty(0, dtype=dtype).element_size() == widths[member], member
+        assert dtype.is_floating_point == (member in ("FLOAT", "HALF", "BF16")), member
+    assert torch.finfo(torch.bfloat16).bits == 16 and torch.finfo(torch.float16).max == 65504
+
+    class FakeDataType:  # a TensorRT 8.6 without BF16 and INT64: the map keeps the types it has
+        FLOAT, HALF, INT8, UINT8, INT32, BOOL = range(6)
+
+    class FakeTrt:
+        DataType = FakeDataType
+
+    mapped = trt_engine.torch_dtypes(FakeTrt)
+    assert mapped[FakeDataType.HALF] is torch.float16 and len(mapped) == 6
+
+
+def test_plan_paths_precision_and_freshness(tmp_path):
+    import json
+    import os
+
+    from test_openvino import build_net
+
+    qdq = build_net(tmp_path / "net.trt.onnx", quantized=True)
+    fp32 = build_net(tmp_path / "net_fp32.onnx", quantized=False)
+    assert trt_engine.plan_path(qdq, "int8") == tmp_path / "net.trt.int8.plan"
+    assert trt_engine.plan_path(fp32, "fp16", tmp_path / "engine") == tmp_path / "engine" / "net_fp32.fp16.plan"
+    assert trt_engine.resolve_precision(qdq, None) == "int8" and trt_engine.resolve_precision(fp32, None) == "fp16"
+    with pytest.raises(RepqError, match="no Q/DQ nodes"):
+        trt_engine.resolve_precision(fp32, "int8")
+    with pytest.raises(RepqError, match="QDQ"):
+        trt_engine.resolve_precision(qdq, "fp16")
+
+    plan = trt_engine.plan_path(qdq, "int8")
+    assert trt_engine.plan_rebuild_reason(qdq, plan, [1, 8], "10.8.0") == "no plan yet"
+    plan.write_bytes(b"engine")
+    assert "no build record" in trt_engine.plan_rebuild_reason(qdq, plan, [1, 8], "10.8.0")
+    record = {"trt_version": "10.8.0", "onnx": str(qdq), "profile": {"min": [1, 3, 12, 12], "max": [8, 3, 12, 12]}}
+    (tmp_path / "net.trt.int8.plan.build.json").write_text(json.dumps(record))
+    assert trt_engine.plan_rebuild_reason(qdq, plan, [1, 8], "10.8.0") is None
+    assert "TensorRT 10.8.0" in trt_engine.plan_rebuild_reason(qdq, plan, [1, 8], "10.9.0")
+    assert "batches 1..8" in trt_engine.plan_rebuild_reason(qdq, plan, [1, 32], "10.8.0")
+    later = plan.stat().st_mtime + 10
+    os.utime(qdq, (later, later))  # the ONNX file changed after the build
+    assert "newer than the plan" in trt_engine.plan_rebuild_reason(qdq, plan, [1, 8], "10.8.0")
+    assert trt_engine.source_onnx(plan) == qdq
+    (tmp_path / "net.trt.int8.plan.build.json").unlink()
+    assert trt_engine.source_onnx(plan) == qdq  # from the plan's name alone

@@ -137,7 +137,7 @@ def test_bad_calibration_input(calib):
 def test_qat_fine_tunes_with_the_training_loop_and_saves_amax(tmp_path):
     from repq.calibration.datasets import load_data
     from repq.calibration.loaders import calibration_loader
-    from repq.pipeline.qat import qat
+    from repq.quant.qat import qat
     from repq.reparam import create_model
 
     data = load_data("digits")

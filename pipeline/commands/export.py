@@ -1,4 +1,6 @@
-"""`repq export`: QDQ ONNX of a quantized model, one Q/DQ placement per engine target (`engines/targets.py`).
+"""`repq export`: the ONNX file of any model repq wrote, for one engine target (`engines/targets.py`): a QDQ
+file in the target's Q/DQ placement for a quantized model (PTQ, QAT or RepQ), the float graph otherwise; a shell
+over `repq.quant.artifacts.export_artifact`.
 
     repq export --quantized runs/a0/ptq_max.pt --target onnxruntime --out runs/a0/model.ort.onnx
 """
@@ -9,30 +11,36 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from repq.engines.config import ExportConfig
     from repq.engines.targets import TARGETS
+    from repq.pipeline.flags import add_config_flags
 
-    parser.add_argument("--quantized", required=True, help="output of `repq ptq` or `repq qat` (last.pt/best.pt)")
-    parser.add_argument("--target", default="onnxruntime", choices=sorted(TARGETS))
-    parser.add_argument("--image-size", type=int, default=None, help="input size (default: the calibration data's)")
-    parser.add_argument("--opset", type=int, default=17)
-    parser.add_argument("--static-batch", type=int, default=None, help="fixed batch size (default: dynamic)")
-    parser.add_argument("--out", default=None, help="ONNX file (default: next to --quantized, target suffix)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__
+    parser.add_argument("--quantized", "--model", dest="quantized", required=True,
+                        help="a model file: `repq ptq`/`repq qat` output, a fine-tune's repq.pt, or a checkpoint")
+    parser.add_argument("--target", default="onnxruntime", choices=list(TARGETS),
+                        help="; ".join(f"{t.name}: {t.description}" for t in TARGETS.values()))
+    parser.add_argument("--image-size", type=int, default=None, help="input size (default: the model's data's)")
+    parser.add_argument("--out", default=None, help="ONNX file (default: next to the model, target suffix)")
+    add_config_flags(parser, ExportConfig, exclude=("targets",), title="export settings (ExportConfig)")
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from repq.engines.export import export_onnx
+    from repq.engines.config import ExportConfig
     from repq.engines.targets import get_target
-    from repq.quant.toolkit import load_quantized
-    from repq.reparam.io import load_checkpoint
+    from repq.pipeline.flags import config_from_args
+    from repq.quant.artifacts import export_artifact, input_shape, load_artifact
 
-    extra = load_checkpoint(args.quantized).get("extra", {})
-    size = args.image_size or extra.get("data", {}).get("image_size") or 224
-    model = load_quantized(args.quantized)
-    out = Path(args.out) if args.out else Path(args.quantized).with_suffix(get_target(args.target).suffix)
-    shape = (args.static_batch or 1, 3, size, size)
-    export_onnx(model, out, args.target, shape, opset=args.opset, dynamic_batch=args.static_batch is None)
-    batch = "N" if args.static_batch is None else shape[0]
-    print(f"wrote {out} ({args.target} placement, input {batch}x3x{size}x{size})")
+    config = config_from_args(args, ExportConfig)
+    artifact = load_artifact(args.quantized)
+    suffix = get_target(args.target).suffix if artifact.quantized else ".fp32.onnx"
+    out = Path(args.out) if args.out else Path(args.quantized).with_suffix(suffix)
+    export_artifact(artifact, out, args.target, opset=config.opset, dynamic_batch=config.dynamic_batch,
+                    image_size=args.image_size)
+    shape = input_shape(artifact.model, artifact.data, args.image_size)
+    batch = "N" if config.dynamic_batch else "1"
+    print(f"wrote {out} ({args.target} placement, input {batch}x{'x'.join(map(str, shape[1:]))})")
     return 0

@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repq.pipeline.commands.run import split_items
-    from repq.pipeline.recipe import STAGE_ORDER, load_recipe
+    from repq.pipeline.recipe import load_recipe, split_items
+    from repq.pipeline.stages import STAGE_ORDER
 
     path, overrides = split_items(args.items)
     recipe = load_recipe(path, overrides)

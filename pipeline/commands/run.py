@@ -18,8 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from repq.errors import RepqError
-from repq.pipeline.recipe import STAGE_ORDER, load_recipe
+from repq.pipeline.recipe import load_recipe, split_items
+from repq.pipeline.stages import STAGE_ORDER
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,21 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="run folder (default: runs/<recipe name>/)")
     parser.add_argument("--from", dest="from_stage", metavar="STAGE", choices=STAGE_ORDER,
                         help=f"force this stage and all later ones to rerun ({', '.join(STAGE_ORDER)})")
-
-
-def split_items(items: list[str]) -> tuple[str | None, list[str]]:
-    """(recipe path or None, overrides): the recipe is the one item without '=', first."""
-    recipe = None
-    overrides = []
-    for position, item in enumerate(items):
-        if "=" in item:
-            overrides.append(item)
-        elif position == 0:
-            recipe = item
-        else:
-            raise RepqError(f"{item!r} is neither the recipe (it comes first) nor KEY=VALUE: "
-                            "write e.g. `repq run recipe.yaml stages.train.epochs=3`")
-    return recipe, overrides
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""`repq substitute`: RepVGG blocks -> QARepVGG blocks (QARepVGG paper), then training with plain L2 (its M1).
+"""`repq substitute`: RepVGG blocks -> QARepVGG blocks (QARepVGG paper), then training with plain L2 (its M1);
+a shell over `repq.training.train.substitute`.
 
     repq substitute --checkpoint runs/digits/best.pt --out runs/digits_qa --epochs 6
 The 3x3 conv + BN and the 1x1 conv weights are carried over; the identity and the post-BN start fresh, so a few
@@ -9,25 +10,25 @@ from __future__ import annotations
 
 import argparse
 
+from repq.pipeline.flags import add_config_flags, config_from_args
+from repq.training.config import SubstituteConfig
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__
     parser.add_argument("--checkpoint", required=True, help="RepVGG training checkpoint (DIR/best.pt of repq train)")
-    parser.add_argument("--data", default="digits", help="ImageFolder tree (train/ [val/]) or `digits`")
+    parser.add_argument("--data", default="digits", help="ImageFolder tree (train/ [val/ or test/]) or `digits`")
     parser.add_argument("--out", required=True, help="run folder: metrics.jsonl, last.pt, best.pt")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    add_config_flags(parser, SubstituteConfig, title="substitution settings (SubstituteConfig)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from repq.pipeline.train import TrainSettings, load_model_checkpoint, train
-    from repq.reparam import substitute_qarepvgg
+    from repq.training.train import substitute
 
-    model, ckpt = load_model_checkpoint(args.checkpoint)
-    model = substitute_qarepvgg(model)
-    base = {k: v for k, v in ckpt.get("settings", {}).items() if k in TrainSettings.model_fields}
-    settings = TrainSettings(**{**base, "epochs": args.epochs, "lr": args.lr, "l2": "plain", "warmup_epochs": 0})
-    summary = train(settings, args.data, args.out, resume=args.resume, initial_model=model)
+    summary = substitute(args.checkpoint, args.data, config_from_args(args, SubstituteConfig), args.out,
+                         resume=args.resume)
     if summary.get("rank", 0) == 0:
         best = summary["best"]
         print(f"QARepVGG: best val top-1 {best['val_top1']:.2f}% (deploy form {best['deploy_val_top1']:.2f}%); "

@@ -34,8 +34,20 @@ class DistContext:
         return self.world_size > 1
 
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+
+
+def single_process(device: torch.device | str = "cpu") -> DistContext:
+    """A world of one on ``device`` (no process group)."""
+    return DistContext(0, 1, 0, torch.device(device), owns_group=False)
+
+
 def init_distributed(device: str = "auto") -> DistContext:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), or run as one process."""
+    import re
+
+    if not re.match(DEVICE_PATTERN, str(device)):
+        raise RepqError(f"unknown device {device!r}: use auto (CUDA when present), cpu or cuda (cuda:N)")
     want_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if want_cuda and not torch.cuda.is_available():
         raise RepqError(f"device {device!r} asked for CUDA but none is available: use --device cpu")
@@ -136,3 +148,14 @@ def sync_batchnorm(model: nn.Module, ctx: DistContext) -> nn.Module:
             module.__class__ = GlobalBatchNorm2d  # same tensors and keys, only forward changes
     return model
 
+
+
+def wrap_distributed(model: nn.Module, ctx: DistContext, sync_bn: bool = True) -> nn.Module:
+    """The module a training step runs: the model itself in one process, DDP over it (BN statistics synced
+    across ranks when ``sync_bn``) under torchrun."""
+    if not ctx.distributed:
+        return model
+    if sync_bn:
+        model = sync_batchnorm(model, ctx)
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
