@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from repq.reparam.check import check_fuse
+from repq.engines.fuse_check import check_fuse
 
 
 def main() -> None:

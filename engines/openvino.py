@@ -96,10 +96,9 @@ INT8_PROBE_TOLERANCE = 1e-4
 
 @functools.cache
 def openvino_int8_problem() -> str | None:
-    """None when OpenVINO's INT8 kernels compute 8-bit weights exactly on this CPU, else the one-line reason.
-    Measured on an AVX2 CPU without VNNI (AMD Zen 3): exact for weight codes up to 64, and off by 15% and 34%
-    of the output with codes up to 100 and 127 (OpenVINO's own tools quantize weights to 7 bits for such
-    CPUs). TensorRT's 8-bit weights would then be scored wrongly, so INT8 files are refused there."""
+    """None when OpenVINO's INT8 kernels compute 8-bit weights exactly on this CPU, else the one-line reason: on
+    CPUs without VNNI they are exact only for 7-bit weights, so TensorRT's 8-bit weights would be scored wrongly
+    and INT8 files are refused there."""
     error = int8_kernel_error(127)
     if error <= INT8_PROBE_TOLERANCE:
         return None
@@ -148,9 +147,8 @@ class OpenVinoEngine:
 
     precision_hint="f32" keeps every layer that the file does not quantize in FP32 (on CPUs with BF16 units
     OpenVINO otherwise defaults to BF16, which is neither the ONNX semantics nor a fair FP32 reference).
-    batch_size fixes the batch dimension; None keeps it dynamic (measured here: the same speed for RepVGG-A0).
-    cpu_pinning is off by default: on a CPU shared with other processes a thread pinned to a busy core waits
-    for it (measured here under load: 0.11-0.18 s unpinned vs 0.14-0.18 s pinned per batch of 8).
+    batch_size fixes the batch dimension; None keeps it dynamic (no slower for RepVGG-A0). cpu_pinning is off by
+    default: on a CPU shared with other processes a thread pinned to a busy core waits for it.
     """
 
     def __init__(

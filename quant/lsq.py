@@ -220,12 +220,9 @@ def weight_quantizer(bits: int, out_channels: int, per_channel: bool = True, ini
                      ) -> LSQQuantizer:
     """Signed symmetric weight quantizer, one step per output channel (axis 0) or one per tensor.
 
-    Default init: the max step at 4 bits and more, MinError below. A merged re-param kernel holds a few large
-    centre taps (identity and 1x1 branches) among many small ones, and the weight-MSE optimum clips exactly those
-    taps. Measured: 8-bit QARepVGG on digits fell from 100% to chance with MinError weights (100% with max);
-    4-bit RepQ-BNEst on CIFAR QARepVGG-A0 x0.25 diverged (NaN loss at step 44) with MinError and reached 80.18%
-    after one epoch with max, while RepVGG-A0 reached 77.8% either way. At 2-3 bits max leaves the small taps
-    too few levels, so MinError. LSQ learns the step from there either way.
+    Default init: the max step at 4 bits and more, MinError below: a merged re-param kernel's few large centre
+    taps (identity and 1x1 branches) are exactly what the weight-MSE optimum clips, while at 2-3 bits max leaves
+    the small taps too few levels (README, "Measurements behind the defaults").
     """
     init = init or ("max" if bits >= MAX_INIT_MIN_BITS else "minerror")
     return LSQQuantizer(bits, signed=True, channels=out_channels if per_channel else None, init=init)

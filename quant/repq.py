@@ -16,11 +16,11 @@ its BNs as a conv of the block input (``bn_taps()``); the wrapper computes
   The paper trains its FP models with BNEst too, so their running statistics already are estimates. A model
   trained with real BN is not: equation 6 ignores the (large) covariance of real activations and equation 5
   the padding, and within a few dozen steps the running statistics drift to the estimates and the network
-  computes another function (digits RepVGG-A0: 98.3% -> 46.7% after 20 forwards, no weight update). So, as
+  computes another function (README, "Measurements behind the defaults"). So, as
   LSQ sets its steps on the first batch, BNEst measures the exact statistics once, on its first training
   batch (one tap conv, as RepQ-BN does every step), and from then on corrects each estimate per channel:
   mean + (exact - estimated mean), var * (exact / estimated var). ``bnest_calibrate=False`` is the paper's
-  estimator as is.
+  estimator as is. Fine-tuning names the two `bnest_corrected` and `bnest_paper` (repq.quant.config).
 In eval all modes use the running statistics, so ``fuse()`` gives a conv whose weight is exactly Q(M(W)).
 ``freeze_bn_statistics`` makes training use them too, for the last steps of a fine-tune: the kernel trained is
 then the deploy kernel itself, not one merged with the batch mean.
@@ -104,9 +104,8 @@ def channel_moments(y: Tensor) -> tuple[Tensor, Tensor]:
     """(biased var, mean) per channel of an NCHW tensor, as ``torch.var_mean(y, dim=(0, 2, 3))``, without
     gradient.
 
-    ATen's BatchNorm statistics kernel (two passes: the mean, then the centred squares, so a channel whose
-    mean dwarfs its spread keeps its variance) is 2-7x faster on CPUs than var_mean's strided reduction and
-    than a float64 E[d^2] - E[d]^2 (CIFAR ResNet-18-ACB's RepQ-BN step: 110 -> 45 ms of ~1.1 s)."""
+    ATen's BatchNorm statistics kernel: two passes (the mean, then the centred squares), so a channel whose
+    mean dwarfs its spread keeps its variance, and faster on CPUs than var_mean's strided reduction."""
     mean, var = torch.batch_norm_update_stats(y.detach(), None, None, 0.0)
     return var, mean
 

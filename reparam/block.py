@@ -138,10 +138,9 @@ class ReparamBlock(nn.Module):
 
 class PointwiseConv(nn.Conv2d):
     """A 1x1 conv (no padding), the same output and gradients as nn.Conv2d. With few input channels it applies
-    its stride by subsampling the input first: oneDNN in torch 2.14 hangs or segfaults computing the weight
-    gradient of a strided 1x1 conv on a channels-last input with fewer input channels than a SIMD register
-    holds (under 8 on AVX2, e.g. an RGB stem's 1x1 branch); its stride-1 kernel does not. Wider inputs keep the
-    strided kernel: subsampling costs them a copy forward and a scatter backward."""
+    its stride by subsampling the input first, because oneDNN's weight gradient of a strided 1x1 conv on a
+    channels-last input that narrow hangs or crashes (README, "Measurements behind the defaults"); wider inputs
+    keep the strided kernel, which saves a copy forward and a scatter backward."""
 
     SUBSAMPLE_BELOW_CHANNELS = 16  # an AVX-512 register of float32
 

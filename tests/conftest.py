@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 
 @pytest.fixture(autouse=True)
@@ -28,3 +29,21 @@ def warm_bn(model: torch.nn.Module, shape, steps: int = 3, dtype=torch.float32) 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny classifier (conv, ReLU, pool, linear; 6 classes on 3x8x8 images) for engine tests."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 6)).eval()
+
+
+@pytest.fixture(scope="module")
+def fp32_file(model, tmp_path_factory):
+    """``model``'s float ONNX file, dynamic batch."""
+    from repq.engines.export import export_float
+
+    path = tmp_path_factory.mktemp("engine") / "net_fp32.onnx"
+    path.write_bytes(export_float(model, (1, 3, 8, 8), 17, dynamic_batch=True).SerializeToString())
+    return path

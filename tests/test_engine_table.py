@@ -10,28 +10,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from repq.engines.engine import Engine, input_image_shape, onnx_is_quantized, open_engine
-from repq.engines.export import export_float
 from repq.engines.targets import PLACEMENTS, TARGETS, EngineTarget, get_target
 from repq.errors import RepqError
 
 PROTOCOL = ("__call__", "evaluate", "benchmark", "describe")
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(8, 6)).eval()
-
-
-@pytest.fixture(scope="module")
-def fp32_file(model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("table") / "net_fp32.onnx"
-    path.write_bytes(export_float(model, (1, 3, 8, 8), 17, dynamic_batch=True).SerializeToString())
-    return path
 
 
 @pytest.fixture(scope="module")

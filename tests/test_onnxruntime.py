@@ -7,26 +7,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from repq.engines.export import export_float
 from repq.engines.onnxruntime import OrtEngine
 from repq.errors import RepqError
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(8, 6)).eval()
-
-
-@pytest.fixture(scope="module")
-def fp32_file(model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ort") / "fp32.onnx"
-    onnx_model = export_float(model, (1, 3, 8, 8), 17, dynamic_batch=True)
-    path.write_bytes(onnx_model.SerializeToString())
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -155,3 +155,91 @@ def test_qat_fine_tunes_with_the_training_loop_and_saves_amax(tmp_path):
         assert torch.equal(restored(x), q(x))
     with pytest.raises(RepqError, match="already holds a QAT run"):
         qat(q, data, tmp_path / "qat", epochs=1)
+
+
+def test_an_interrupted_qat_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Toolkit QAT shares the training loop's resumable state: killed in its second epoch (after last.pt of the
+    first), rerun with resume, it ends with the weights, history and amax of a run that was never stopped."""
+    from repq.calibration.datasets import load_data
+    from repq.calibration.loaders import calibration_loader
+    from repq.quant.qat import qat
+    from repq.reparam import create_model
+    from repq.training import loop as loop_module
+
+    data = load_data("digits")
+    torch.manual_seed(0)
+    model = create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125).eval()
+    q = quantize(model, calibration_loader(data, 64, 64), "max")
+    settings = dict(epochs=2, lr=0.05, batch_size=64, max_steps_per_epoch=3, progress=False)
+    whole = qat(load_quantized_copy(q, tmp_path), data, tmp_path / "whole", **settings)
+
+    class Killed(Exception):
+        pass
+
+    real_step, steps = loop_module._optimizer_step, [0]
+
+    def step_then_kill(loop, loss):
+        steps[0] += 1
+        if steps[0] == 5:  # epoch 2, second step
+            raise Killed
+        real_step(loop, loss)
+
+    monkeypatch.setattr(loop_module, "_optimizer_step", step_then_kill)
+    with pytest.raises(Killed):
+        qat(load_quantized_copy(q, tmp_path), data, tmp_path / "killed", **settings)
+    monkeypatch.setattr(loop_module, "_optimizer_step", real_step)
+    resumed = qat(load_quantized_copy(q, tmp_path), data, tmp_path / "killed", resume=True, **settings)
+    expected, got = whole["model"].state_dict(), resumed["model"].state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert [h["train_loss"] for h in whole["history"]] == [h["train_loss"] for h in resumed["history"]]
+
+
+def load_quantized_copy(q, tmp_path):
+    """A fresh copy of the PTQ model (through its file, as `repq qat` loads it)."""
+    path = tmp_path / "ptq.pt"
+    if not path.exists():
+        save_quantized(q, path)
+    return load_quantized(path)
+
+
+def test_fold_batchnorm_folds_an_untraceable_model_or_refuses_in_one_line():
+    """torch.fx cannot trace data-dependent control flow: conv + BN pairs inside an nn.Sequential still fold (the
+    folded model computes the same function), and a BN that follows no conv there is refused, never left in."""
+    from repq.quant.toolkit import fold_batchnorm
+
+    class Untraceable(nn.Module):
+        def __init__(self, tail: nn.Module):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.tail = tail
+
+        def forward(self, x):
+            x = self.body(x)
+            return self.tail(x) if x.sum() > -1e9 else x  # fx cannot trace a tensor in an `if`
+
+    torch.manual_seed(0)
+    model = Untraceable(nn.Identity())
+    model.train()(torch.randn(4, 3, 8, 8) * 3 + 1)  # running statistics away from their defaults
+    model.eval()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RepqError, match=r"^BatchNorm tail .* cannot be folded into a conv") as info:
+        fold_batchnorm(Untraceable(nn.BatchNorm2d(8)).eval())
+    assert "\n" not in str(info.value)
+
+
+def test_a_ptq_model_of_a_substituted_network_reloads_from_its_file_alone(tmp_path):
+    """load_quantized rebuilds the model with its recorded transforms (a QARepVGG made by substitution)."""
+    from repq.reparam import create_model, substitute_qarepvgg
+
+    torch.manual_seed(0)
+    model = substitute_qarepvgg(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125)).eval()
+    x = torch.randn(16, 3, 32, 32)
+    q = quantize(model, [(x, torch.zeros(16))], "max")
+    save_quantized(q, tmp_path / "ptq.pt")
+    again = load_quantized(tmp_path / "ptq.pt")
+    with torch.no_grad():
+        assert torch.equal(again(x), q(x))

@@ -15,8 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from repq.engines.fuse_check import check_fuse
     from repq.reparam import list_models, model_doc
-    from repq.reparam.check import check_fuse
 
     if not args.check:
         for name in list_models():
