@@ -180,7 +180,7 @@ def load_data(
         raise RepqError(f"data path {root} is a file, not a folder: pass an ImageFolder tree or `digits`")
     train_root, val_root = split_folders(root)
     train_files, train_labels, classes = scan_image_folder(train_root)
-    chosen = _preset(preset) if preset != "auto" else _auto_preset(train_files[0])
+    chosen = _preset(preset) if preset != "auto" else _auto_preset(train_files, root)
     train_source = _make_source(str(root), classes, train_files, train_labels, chosen, cache_dir)
     if val_root is None:
         train_idx, val_idx = stratified_split(train_source.labels, val_size, seed)
@@ -224,10 +224,26 @@ def data_from_record(data, record: dict | None):
     from repq.calibration.sr import SRData
 
     if isinstance(data, ImageData | SRData):
-        return data
+        return check_record_classes(data, record)
     record = record or {}
-    return load_data(data, preset=record.get("preset", "auto") if str(data) != DIGITS else "auto",
-                     val_size=record.get("val_size", 0.1), seed=record.get("split_seed", 0))
+    loaded = load_data(data, preset=record.get("preset", "auto") if str(data) != DIGITS else "auto",
+                       val_size=record.get("val_size", 0.1), seed=record.get("split_seed", 0))
+    return check_record_classes(loaded, record)
+
+
+def check_record_classes(data, record: dict | None):
+    """``data``, when its classes are the ones a model was made with (the ``classes`` of its data record); a
+    one-line error otherwise: its outputs would be scored or trained against labels that mean other classes."""
+    classes = (record or {}).get("classes")
+    if not classes or not isinstance(data, ImageData) or list(data.classes) == list(classes):
+        return data
+    raise RepqError(f"data {data.name} has {len(data.classes)} classes ({_few(data.classes)}), but the model was "
+                    f"made for {len(classes)} ({_few(classes)}): pass the data it was trained on, or a folder of "
+                    "its classes")
+
+
+def _few(names: list[str], count: int = 4) -> str:
+    return ", ".join(map(str, names[:count])) + (", ..." if len(names) > count else "")
 
 
 def _make_data(train_source, val_source, preset, train_idx, val_idx, seed, val_split: str,
@@ -250,11 +266,52 @@ def _preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def _auto_preset(first_file: Path) -> Preset:
+# `auto` reads the size of this many images at most (evenly spread over the sorted files: every class).
+AUTO_PRESET_SAMPLE = 2000
+SMALL_IMAGE = 64  # auto: cifar (32 px) for images up to this many pixels a side, imagenet (224 px) above
+
+
+def _auto_preset(files: list[Path], root: Path) -> Preset:
+    """cifar or imagenet for the set, from the sizes of its images (all of them, or an even sample of a large
+    set), not from one: the preset of the majority, said in one line on stderr (with how many images the other
+    way), so a mixed set is never resized without a word."""
+    import sys
+
+    step = max(1, len(files) // AUTO_PRESET_SAMPLE)
+    sample = files[::step]
+    small = [path for path in sample if max(image_size(path)) <= SMALL_IMAGE]
+    large = len(sample) - len(small)
+    chosen = PRESETS["cifar"] if len(small) * 2 >= len(sample) else PRESETS["imagenet"]
+    checked = f"{len(sample)} images" if step == 1 else f"{len(sample)} of its {len(files)} images"
+    others = large if chosen.name == "cifar" else len(small)
+    side = "larger" if chosen.name == "cifar" else "smaller"
+    note = (f"; {others} {'is' if others == 1 else 'are'} {side} and will be resized to {chosen.image_size} px"
+            if others else "")
+    print(f"data {root}: preset {chosen.name} ({chosen.image_size} px): {len(sample) - others} of the {checked} "
+          f"checked are {'at most' if chosen.name == 'cifar' else 'over'} {SMALL_IMAGE} px{note}; set the preset "
+          "(--preset, or data.preset in a recipe) to choose", file=sys.stderr)
+    return chosen
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image from its header, naming the file when it cannot be read."""
+    try:
+        with _opened(path) as image:
+            return image.size
+    except RepqError:
+        raise
+    except (OSError, ValueError) as err:
+        raise RepqError(f"cannot read image {path} ({err}): delete or replace the file") from err
+
+
+def _opened(path: Path):
+    """PIL's Image.open, with a decompression bomb (an image too large to decode safely) as a one-line error."""
     from PIL import Image
 
-    with Image.open(first_file) as image:
-        return PRESETS["cifar"] if max(image.size) <= 64 else PRESETS["imagenet"]
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise RepqError(f"image {path} is too large to decode safely ({err}): delete or shrink the file") from err
 
 
 def scan_image_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
@@ -279,8 +336,10 @@ def decode_image(path: Path):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with _opened(path) as image:
             return image.convert("RGB")
+    except Image.DecompressionBombError as err:  # raised on decode too
+        raise RepqError(f"image {path} is too large to decode safely ({err}): delete or shrink the file") from err
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise RepqError(f"cannot read image {path} ({err}): delete or replace the file") from err
 

@@ -54,7 +54,7 @@ def build_loaders(
     per_rank = batch_size // world
     if len(data.train) < batch_size:
         raise RepqError(f"the training split has {len(data.train)} images, fewer than one batch of "
-                        f"{batch_size}: lower --batch-size")
+                        f"{batch_size}: use a batch size of at most {len(data.train)} (the batch_size setting)")
     common = {"num_workers": num_workers, "collate_fn": collate_batch, "persistent_workers": False}
     sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     train = DataLoader(data.train, batch_size=per_rank, sampler=sampler, drop_last=True, **common)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,8 +38,8 @@ class EngineConfig(Strict):
 class BenchConfig(Strict):
     """Latency and throughput of each engine."""
 
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1,
-                                   description="batch sizes to time")
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 32], min_length=1,
+                                                           description="batch sizes to time")
     warmup: int = Field(5, ge=0, description="untimed runs first")
     iters: int = Field(30, ge=1, description="timed runs per batch size")
     threads: int | None = Field(None, ge=1, description="CPU threads for the CPU engines (default: all)")

@@ -25,7 +25,7 @@ Placements
   A signed tensor is stored as uint8 with zero point 128 (codes 0..255), and a layer reading one gets its int8
   weights as uint8 with zero point 128 too: the same values, run by ORT's U8U8 kernels. Its U8S8 kernels
   without VNNI (AVX2) add pairs of uint8 x int8 products in int16, which saturates above 32767 for codes over
-  128 (measured on a Zen 3 CPU: a first conv off by up to 75 output codes). Codes 0..127 (post-ReLU) cannot
+  128 (README, "Measurements behind the defaults"). Codes 0..127 (post-ReLU) cannot
   saturate, so those layers keep the faster U8S8 kernels.
   Symmetric int8 activations are TensorRT's constraint, not ORT's, so this is legitimate for the ORT file
   only.

@@ -58,6 +58,7 @@ class OrtEngine:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images, dtype=np.float32)
+        self._check_input(images)
         if self.fixed_batch is None or len(images) == self.fixed_batch:
             return self.session.run(None, {self.input_name: images})[0]
         outputs = []  # a fixed-batch file: run in chunks of its batch, padding the last one
@@ -68,6 +69,17 @@ class OrtEngine:
                 chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
             outputs.append(self.session.run(None, {self.input_name: chunk})[0][: self.fixed_batch - pad])
         return np.concatenate(outputs)
+
+    def _check_input(self, images: np.ndarray) -> None:
+        """A one-line error for images of another size or channel count than the file takes (ONNX Runtime's own
+        is an INVALID_ARGUMENT traceback)."""
+        want, got = self.input_shape[1:], images.shape[1:]
+        if len(want) == len(got) and all(w <= 0 or w == g for w, g in zip(want, got, strict=True)):
+            return
+        shown = "x".join(str(w) if w > 0 else "N" for w in want)
+        size = f" with --image-size {got[-1]}" if len(got) == 3 and got[-1] == got[-2] else ""
+        raise RepqError(f"{self.path} takes {shown} images, these are {'x'.join(map(str, got))}: score it on "
+                        f"images of its size (the preset it was made with), or export it again{size}")
 
     def evaluate(self, loader) -> dict:
         """top-1/top-5 (percent) over (images, labels) batches, or the loader's own score (PSNR)."""

@@ -35,11 +35,12 @@ LADDER_STEPS: dict[str, str] = {
     "train": "train-form FP32 (PyTorch)",
     "fused": "fused FP32 (PyTorch)",
     "fakequant": "fake-quant (PyTorch)",
-    "qdq_onnx": "QDQ ONNX (ONNX Runtime)",
-    "engine": "INT8 engine",
+    "qdq_onnx": "ONNX (ONNX Runtime)",
+    "engine": "engine",
 }
-SHORT_STEPS = {"train": "train-form", "fused": "fused", "fakequant": "fake-quant", "qdq_onnx": "QDQ ONNX",
+SHORT_STEPS = {"train": "train-form", "fused": "fused", "fakequant": "fake-quant", "qdq_onnx": "ONNX",
                "engine": "engine"}
+FLOAT_STEPS = ("train", "fused")  # where the ladder starts: the trained model in full precision
 METHOD_COLUMNS = (
     ("method", "Method"), ("bits", "Bits"), ("engine", "Engine"),
     ("top1", "Top-1 %"), ("top5", "Top-5 %"), ("psnr", "PSNR (dB)"),
@@ -95,8 +96,12 @@ def add_drops(methods: list[dict], ladder: list[dict]) -> list[dict]:
 
 
 def ladder_table(ladder: list[dict]) -> tuple[list[str], list[dict]]:
-    """(steps present, rows): a row per method, {"method", <step>: top1 (or psnr), ..., "lost_at": "a -> b
-    (-x.xx)"}."""
+    """(steps present, rows): a row per method, {"method", <step>: top1 (or psnr), ..., "drop": {"from",
+    "to", "value"}, "changes": [(step, next step, change), ...]}.
+
+    ``drop`` is what reaches the end of the ladder: the first step's figure (the FP32 model) minus the last's (the
+    engine), positive for a loss. ``changes`` are the steps that moved the figure, signed (a loss is negative),
+    so a fake-quant dip that the engine recovers reads as a dip and a recovery, not as the loss."""
     key = quality_key(*ladder)
     shared = {e["step"]: e[key] for e in ladder if not e.get("method") and key in e}
     methods = list(dict.fromkeys(e["method"] for e in ladder if e.get("method")))
@@ -108,14 +113,31 @@ def ladder_table(ladder: list[dict]) -> tuple[list[str], list[dict]]:
     steps = [s for s in LADDER_STEPS if any(s in r for r in rows)]
     for row in rows:
         present = [s for s in steps if s in row]
-        drops = [(row[a] - row[b], a, b) for a, b in zip(present, present[1:], strict=False)]
-        if drops:
-            worst = max(drops)
-            if worst[0] > 0:
-                row["lost_at"] = f"{SHORT_STEPS[worst[1]]} -> {SHORT_STEPS[worst[2]]} (-{worst[0]:.2f})"
-            else:
-                row["lost_at"] = "nowhere"
+        if len(present) < 2:
+            continue
+        first, last = present[0], present[-1]
+        row["drop"] = {"from": first, "to": last, "value": round(row[first] - row[last], 4)}
+        pairs = zip(present, present[1:], strict=False)
+        row["changes"] = [(a, b, round(row[b] - row[a], 4)) for a, b in pairs if round(row[b] - row[a], 2) != 0]
     return steps, rows
+
+
+def _drop_cell(row: dict) -> str:
+    """"0.56", or with its ends named when the ladder does not run from the FP32 model to the engine."""
+    drop = row.get("drop")
+    if drop is None:
+        return "-"
+    text = f"{drop['value']:.2f}".replace("-0.00", "0.00")
+    if drop["from"] in FLOAT_STEPS and drop["to"] == "engine":
+        return text
+    return f"{text} ({SHORT_STEPS[drop['from']]} -> {SHORT_STEPS[drop['to']]})"
+
+
+def _changes_cell(row: dict) -> str:
+    if "changes" not in row:
+        return "-"
+    return "; ".join(f"{SHORT_STEPS[a]} -> {SHORT_STEPS[b]} {change:+.2f}"
+                     for a, b, change in row["changes"]) or "none"
 
 
 def collect_run_metrics(records: dict, recipe: Any = None) -> dict[str, Any]:
@@ -173,16 +195,20 @@ def conv_weights(source: Any) -> dict[str, np.ndarray]:
 
 
 def fused_conv_weights(checkpoint: dict) -> tuple[str, dict[str, np.ndarray]]:
-    """(model name, conv weights of its deploy form) from a repq checkpoint; a train-form one is fused."""
+    """(model label, conv weights of its deploy form) from a repq checkpoint; a train-form one is fused. The label
+    is the model's with its transforms (`model_label`: a substituted repvgg_a0 is qarepvgg_a0), as the stages
+    and the training log name it."""
+    from repq.reparam.models import model_label
+
     arch = checkpoint.get("arch")
+    name = model_label(arch) if isinstance(arch, dict) else "model"
     if isinstance(arch, dict) and "state_dict" in checkpoint and not arch.get("deploy"):
         from repq.reparam import fuse_model, model_from_arch
 
         model = model_from_arch(arch)
         model.load_state_dict(checkpoint["state_dict"])
-        return str(arch.get("name", "model")), conv_weights(fuse_model(model.eval()))
-    name = arch.get("name", "model") if isinstance(arch, dict) else "model"
-    return str(name), conv_weights(checkpoint)
+        return name, conv_weights(fuse_model(model.eval()))
+    return name, conv_weights(checkpoint)
 
 
 # ---------------------------------------------------------------- plots (PNG bytes)
@@ -331,12 +357,18 @@ def _sections(metrics: dict[str, Any]) -> list[tuple[str, str, list[str], list[l
     sections = []
     steps, ladder_rows = ladder_table(metrics.get("ladder", []))
     if steps:
-        header = ["Method"] + [LADDER_STEPS[s] for s in steps] + ["Largest loss"]
-        rows = [[str(r["method"])] + [_fmt(r.get(s)) for s in steps] + [r.get("lost_at", "")]
+        psnr = quality_key(*metrics.get("ladder", [])) == "psnr"
+        unit = "dB" if psnr else "pts"
+        header = (["Method"] + [LADDER_STEPS[s] for s in steps]
+                  + [f"Drop FP32 -> engine ({unit})", f"Step changes ({unit})"])
+        rows = [[str(r["method"])] + [_fmt(r.get(s)) for s in steps] + [_drop_cell(r), _changes_cell(r)]
                 for r in ladder_rows]
-        figure = "PSNR (dB)" if quality_key(*metrics.get("ladder", [])) == "psnr" else "Top-1 (%)"
-        sections.append(("Parity ladder", f"{figure} of the same model at each step from training to the "
-                         "INT8 engine: the largest loss says where accuracy goes.", header, rows))
+        figure = "PSNR (dB)" if psnr else "Top-1 (%)"
+        sections.append(("Parity ladder", f"{figure} of the same model at each step from training to the engine "
+                         "(ONNX: the TensorRT-placement QDQ file in ONNX Runtime; for FP32 rows, the float ONNX "
+                         "file and its engine). The drop is what reaches the engine; the step changes (signed, "
+                         "a loss is negative) say where the figure moved on the way, including dips a later "
+                         "step recovers.", header, rows))
     methods = [_timing_batches(r) for r in metrics.get("methods", [])]
     if methods:
         columns = [(k, h) for k, h in METHOD_COLUMNS if any(k in r for r in methods)]

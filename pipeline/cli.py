@@ -7,7 +7,9 @@ command name to that module and a one-line help, so `repq --help` lists everythi
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import shlex
 import sys
 
 from repq.errors import RepqError
@@ -56,6 +58,57 @@ def main(argv: list[str] | None = None) -> int:
     except RepqError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept, again = _resume_hint(module, args, argv)
+        print(f"interrupted: {kept}; continue with: {again}", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError) as err:
+        full = _disk_full(err)
+        if full is not None:
+            kept, again = _resume_hint(module, args, argv)
+            print(f"error: {_describe_full(full)}; {kept}: free space, then run {again}", file=sys.stderr)
+            return 2
+        if isinstance(err, OSError) and err.errno in _USER_ERRNOS:
+            where = f": {err.filename}" if err.filename else ""
+            print(f"error: {err.strerror or type(err).__name__}{where}: check the path and its permissions",
+                  file=sys.stderr)
+            return 2
+        raise
+
+
+# Errors of the file system a user fixes (permissions, read-only disks, a file where a folder goes).
+_USER_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(err: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind ``err`` (torch's writers wrap it in a RuntimeError), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _describe_full(err: OSError) -> str:
+    if str(err).startswith("disk full"):  # repq.reparam.io.DiskFullError: names the file and the sizes
+        return str(err)
+    return f"disk full while writing {err.filename or 'a file'}"
+
+
+def _resume_hint(module, args: argparse.Namespace, argv: list[str]) -> tuple[str, str]:
+    """(what a command that stopped kept, the command line that continues it): the command's own
+    ``resume_hint(args, argv)`` when it has one, else the same command again."""
+    kept, again = "finished files are kept", list(argv)
+    hint = getattr(module, "resume_hint", None)
+    if hint is not None:
+        try:
+            kept, again = hint(args, list(argv))
+        except Exception:  # noqa: BLE001 -- a hint must never hide the interruption itself
+            pass
+    return kept, "repq " + shlex.join(again)
 
 
 if __name__ == "__main__":

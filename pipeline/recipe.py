@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from repq.errors import RepqError
 
@@ -70,7 +70,27 @@ def _stages_model() -> type[BaseModel]:
     from repq.pipeline.stages import STAGES
 
     fields = {stage.name: (stage.settings, Field(default_factory=stage.settings)) for stage in STAGES}
-    return create_model("Stages", __base__=Strict, __module__=__name__, **fields)
+    checks = {"_qat_starts_from_a_ptq_model": model_validator(mode="after")(_check_qat_source)}
+    return create_model("Stages", __base__=Strict, __module__=__name__, __validators__=checks, **fields)
+
+
+def _check_qat_source(stages):
+    """The QAT stage starts from the PTQ model of its calibrator: refused here, not after training and PTQ."""
+    from repq.pipeline.sections import runs
+    from repq.quant.config import PTQConfig
+
+    qat, ptq = stages.qat, stages.ptq
+    if not qat.enabled:
+        return stages
+    methods = sorted({run["method"] for run in runs(ptq, PTQConfig)}) if ptq.enabled else []
+    if not methods:
+        raise ValueError(f"stages.qat.calibrator={qat.calibrator} has no PTQ model to start from (stages.ptq is "
+                         "switched off): enable stages.ptq, or switch stages.qat off")
+    if qat.calibrator not in methods:
+        raise ValueError(f"stages.qat.calibrator={qat.calibrator} has no PTQ model to start from (stages.ptq makes "
+                         f"{', '.join(methods)}): add {qat.calibrator} to stages.ptq.sweep's method list, or pick "
+                         "one it makes")
+    return stages
 
 
 Stages = _stages_model()
@@ -147,6 +167,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = Path(path)
         source = str(path)
+        if path.is_dir():
+            raise RepqError(f"recipe {path} is a folder, not a recipe file: pass the YAML file (e.g. {path}/NAME.yaml)")
         if not path.is_file():
             raise RepqError(f"recipe {path} does not exist: check the path, or run `repq run` with no recipe")
         try:

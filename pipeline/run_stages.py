@@ -95,11 +95,13 @@ def _step_cap(ctx: StageContext, own: int | None) -> int | None:
 
 
 def _trained_result(summary: dict, label: str) -> dict:
+    """The training stages' record; their ladder row is named as the FP32 row of the methods table, so the
+    export and engine stages' figures for the float file land in the same row."""
     best = summary["best"]
     return {"outputs": {"checkpoint": "best.pt", "last": "last.pt"},
             "metrics": {"label": label, "epochs": summary["epochs"],
                         **{k: v for k, v in best.items() if k.startswith(("val_", "deploy_val_"))},
-                        "ladder": _float_ladder(label, best)}}
+                        "ladder": _float_ladder(f"{FLOAT_LABEL} {label}", best)}}
 
 
 def train_stage(ctx: StageContext):
@@ -175,7 +177,7 @@ def qat_stage(ctx: StageContext):
     if ctx.rank:
         return None
     method = f"{label} QAT {s.calibrator}"
-    accuracy = evaluate(result["model"], _val_loader(_data(ctx)))
+    accuracy = evaluate(result["model"], _val_loader(_data(ctx)), progress=s.progress, desc=f"{method}: evaluate")
     accuracy.pop("count", None)
     return {"outputs": {}, "metrics": {
         "artifacts": {method: {"kind": "toolkit", "file": "best.pt", "base": label, "bits": 8}},
@@ -197,6 +199,7 @@ def repq_stage(ctx: StageContext):
     float_model, _ = load_model_checkpoint(path)
     artifacts, ladder = {}, []
     for run in runs(ctx.settings, FinetuneConfig):
+        run["max_steps_per_epoch"] = _step_cap(ctx, run.get("max_steps_per_epoch"))
         config = stage_config(ctx.recipe, "repq", **run)
         method = f"{label} {config.label}"
         folder = ctx.dir / _slug(method)
@@ -217,22 +220,27 @@ def repq_stage(ctx: StageContext):
 def export_stage(ctx: StageContext):
     """QDQ ONNX per quantized model and per placement, plus the fused FP32 model as the engines' reference."""
     from repq.engines.targets import get_target
+    from repq.progress import Progress
     from repq.quant.artifacts import export_artifact, load_artifact
 
     s = ctx.settings
     files = {}
-    for label, (path, _) in _checkpoints(ctx).items():
-        file = f"{_slug(label)}_fp32.onnx"
-        export_artifact(load_artifact(path), ctx.path(file), "onnxruntime", opset=s.opset,
-                        dynamic_batch=s.dynamic_batch)
-        files[file] = {"method": f"{FLOAT_LABEL} {label}", "bits": 32, "placement": "float", "base": label}
+    checkpoints, quantized = _checkpoints(ctx), _quantized_artifacts(ctx)
     placements = {get_target(t).placement for t in s.targets}
-    for method, (path, base, bits) in _quantized_artifacts(ctx).items():
-        artifact = load_artifact(path)
-        for placement in sorted(placements):
-            file = f"{_slug(method)}{get_target(placement).suffix}"
-            export_artifact(artifact, ctx.path(file), placement, opset=s.opset, dynamic_batch=s.dynamic_batch)
-            files[file] = {"method": method, "bits": bits, "placement": placement, "base": base}
+    with Progress(len(checkpoints) + len(quantized) * len(placements), "export", unit="file") as bar:
+        for label, (path, _) in checkpoints.items():
+            file = f"{_slug(label)}_fp32.onnx"
+            export_artifact(load_artifact(path), ctx.path(file), "onnxruntime", opset=s.opset,
+                            dynamic_batch=s.dynamic_batch)
+            files[file] = {"method": f"{FLOAT_LABEL} {label}", "bits": 32, "placement": "float", "base": label}
+            bar.update()
+        for method, (path, base, bits) in quantized.items():
+            artifact = load_artifact(path)
+            for placement in sorted(placements):
+                file = f"{_slug(method)}{get_target(placement).suffix}"
+                export_artifact(artifact, ctx.path(file), placement, opset=s.opset, dynamic_batch=s.dynamic_batch)
+                files[file] = {"method": method, "bits": bits, "placement": placement, "base": base}
+                bar.update()
     return {"outputs": {}, "metrics": {"files": files}}
 
 
@@ -283,23 +291,33 @@ def _open_stage_engine(ctx: StageContext, path: Path, entry: dict, target: str, 
 
 
 def engine_stage(ctx: StageContext):
-    """Accuracy measured on each engine itself, over the validation split."""
+    """Accuracy measured on each engine itself, over the validation split.
+
+    Ladder: ONNX Runtime on the TensorRT-placement file is a quantized method's "ONNX" step and on the
+    ONNX Runtime-placement file its engine step; the FP32 file in ONNX Runtime is the FP32 row's ONNX step and
+    engine step (the same session: ONNX Runtime runs the float file as it is)."""
+    from repq.progress import Progress
+
     val = _val_loader(_data(ctx))
     runs, skipped = _engine_runs(ctx)
     for line in skipped:
         ctx.log(f"  skipped {line}")
     ladder, methods = [], []
-    for path, entry, target, parity_only in runs:
-        engine, bits = _open_stage_engine(ctx, path, entry, target)
-        accuracy = engine.evaluate(val)
-        if parity_only:
-            ladder.append({"step": "qdq_onnx", "method": entry["method"], **accuracy})
-            continue
-        if entry["placement"] == "onnxruntime":
-            ladder.append({"step": "engine", "method": entry["method"], **accuracy})
-        methods.append({"method": entry["method"], "bits": bits, "engine": target, "base": entry["base"],
-                        **accuracy})
-        ctx.log(f"  {entry['method']} on {target}: {_describe(accuracy)}")
+    with Progress(len(runs), "engine: evaluate", unit="file") as bar:
+        for path, entry, target, parity_only in runs:
+            engine, bits = _open_stage_engine(ctx, path, entry, target)
+            accuracy = engine.evaluate(val)
+            bar.update()
+            if parity_only:
+                ladder.append({"step": "qdq_onnx", "method": entry["method"], **accuracy})
+                continue
+            if entry["placement"] == "float" and target == "onnxruntime":
+                ladder += [{"step": step, "method": entry["method"], **accuracy} for step in ("qdq_onnx", "engine")]
+            if entry["placement"] == "onnxruntime":
+                ladder.append({"step": "engine", "method": entry["method"], **accuracy})
+            methods.append({"method": entry["method"], "bits": bits, "engine": target, "base": entry["base"],
+                            **accuracy})
+            ctx.log(f"  {entry['method']} on {target}: {_describe(accuracy)}")
     return {"outputs": {}, "metrics": {"ladder": ladder, "methods": methods, "skipped": skipped}}
 
 
@@ -312,17 +330,21 @@ def bench_stage(ctx: StageContext):
     s = ctx.settings
     data = _data(ctx)
     image = data.input_shape[1:]
+    from repq.progress import Progress
+
     runs, skipped = _engine_runs(ctx)
+    runs = [r for r in runs if not r[3]]  # parity-only runs are accuracy steps, not engines to time
     methods, timings = [], []
-    for path, entry, target, parity_only in runs:
-        if parity_only:
-            continue
+    bar = Progress(len(runs), "bench", unit="file")
+    for path, entry, target, _ in runs:
         engine, bits = _open_stage_engine(ctx, path, entry, target, s.threads)
         stats = engine.benchmark(image, s.batch_sizes, warmup=s.warmup, runs=s.iters)
+        bar.update()
         small, large = min(stats, key=lambda x: x.batch_size), max(stats, key=lambda x: x.batch_size)
         methods.append({"method": entry["method"], "bits": bits, "engine": target,
                         "latency_ms": small.median_ms, "latency_batch": small.batch_size,
                         "throughput": large.fps, "throughput_batch": large.batch_size,
                         "size_mb": path.stat().st_size / 1e6})
         timings += [{"method": entry["method"], "engine": target, **x.as_dict()} for x in stats]
+    bar.close()
     return {"outputs": {}, "metrics": {"methods": methods, "timings": timings, "skipped": skipped}}

@@ -16,6 +16,12 @@ half-written is ever trusted. A stage writes into ``.tmp-<stage>-<key>/``, which
 after its manifest is written, so ``kill -9`` at any moment leaves the old finished folder or the new one.
 An interrupted attempt's folder is kept: the next attempt at the same key gets it back with ``ctx.resume``
 set, so a long training stage can continue from its last checkpoint instead of starting over.
+
+What repq may touch: a run folder holds a ``.repq-run`` marker from its creation, and repq writes only into a
+new or empty folder, or one with its marker (a command's output folder gets one too, naming the command). It
+removes only its own leftovers there (``.tmp-<stage>-<16 hex>`` and ``.trash-<stage>`` of known stages), never
+writes inside a path it reads from (the recipe, the data), and holds a lock (``.lock``) while it writes. A
+manifest carries the sha256 of its own contents, so an edited one (a forged metric) is not trusted.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,10 +48,13 @@ from repq.errors import RepqError
 from repq.pipeline import stages as stage_registry
 from repq.pipeline.recipe import Recipe, _suggest, settings_hash
 from repq.pipeline.stages import STAGE_ORDER, Stage, StageContext, StageRecord, as_result
-from repq.reparam.io import atomic_write_json, atomic_write_text
+from repq.reparam.io import TEMP_NAME, atomic_write_json, atomic_write_text
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+MANIFEST_HASH = "manifest_sha256"  # the sha256 of the manifest's other keys (hash_json), written last
+MARKER = ".repq-run"  # proves a folder is repq's: written when repq first writes into it
+LOCK = ".lock"
 VERSIONED_PACKAGES = ("repq", "torch", "torchvision", "numpy", "onnx", "onnxruntime", "nvidia-modelopt",
                       "tensorrt", "openvino")
 
@@ -64,12 +75,26 @@ def hash_json(obj: Any) -> str:
 
 
 def hash_folder_files(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (relative POSIX paths), the manifest itself excluded."""
+    """sha256 of every file under ``folder`` (relative POSIX paths), the manifest itself and temp files of
+    unfinished atomic writes excluded."""
     hashes = {}
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
+        if path.is_file() and path.name != MANIFEST and not TEMP_NAME.match(path.name):
             hashes[path.relative_to(folder).as_posix()] = sha256_file(path)
     return hashes
+
+
+def remove_unfinished_writes(folder: Path, log: Callable[[str], None] | None = None) -> list[str]:
+    """Delete the temp files of atomic writes a kill interrupted (``.NAME.XXXXXXXX.tmp``) under ``folder``, a
+    folder repq made: they are never artifacts. Returns their relative paths."""
+    removed = []
+    for path in sorted(folder.rglob(".*.tmp")):
+        if path.is_file() and not path.is_symlink() and TEMP_NAME.match(path.name):
+            path.unlink()
+            removed.append(path.relative_to(folder).as_posix())
+    if removed and log is not None:
+        log(f"removed {len(removed)} unfinished write(s) an interrupted attempt left: {', '.join(removed[:3])}")
+    return removed
 
 
 def data_fingerprint(recipe: Recipe) -> dict[str, str]:
@@ -146,6 +171,8 @@ def read_record(stage_dir: Path, verify: bool = True) -> tuple[StageRecord | Non
         return None, f"unreadable manifest ({type(err).__name__})"
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or "key" not in manifest:
         return None, "manifest of another format"
+    if manifest.get(MANIFEST_HASH) != manifest_hash(manifest):
+        return None, "manifest changed after it was written (its sha256 does not match)"
     if verify:
         recorded = manifest.get("files", {})
         for rel, digest in recorded.items():
@@ -155,6 +182,11 @@ def read_record(stage_dir: Path, verify: bool = True) -> tuple[StageRecord | Non
             if sha256_file(path) != digest:
                 return None, f"{rel} changed or is corrupt (sha256 mismatch)"
     return StageRecord(stage_dir.name, stage_dir, manifest["key"], manifest), ""
+
+
+def manifest_hash(manifest: dict) -> str:
+    """The sha256 a manifest records of itself: every key but that one (metrics included)."""
+    return hash_json({k: v for k, v in manifest.items() if k != MANIFEST_HASH})
 
 
 def read_run(run_dir: Path, verify: bool = True) -> dict[str, StageRecord]:
@@ -185,29 +217,217 @@ class RunSummary:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """One runner per run folder; the OS drops the lock when its holder dies, even by SIGKILL."""
+def run_lock(run_dir: Path, command: str = "repq run") -> Iterator[None]:
+    """One writer per folder (`repq run`, or a command writing its output folder); the OS drops the lock when
+    its holder dies, even by SIGKILL."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held for the whole run
+    handle = open(run_dir / LOCK, "a+")  # noqa: SIM115 - held for the whole run
     try:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RepqError(
-                f"run folder {run_dir} is in use by another `repq run`: wait for it, or pass --out OTHER_DIR"
+                f"{'run ' if command == 'repq run' else ''}folder {run_dir} is in use by another `{command}`: wait "
+                "for it, or pass --out OTHER_DIR"
             ) from None
         yield
     finally:
         handle.close()
 
 
+_ATTEMPT = re.compile(r"^\.tmp-(?P<stage>[a-z_]+)-[0-9a-f]{16}$")
+_TRASH = re.compile(r"^\.trash-(?P<stage>[a-z_]+)$")
+
+
+def is_leftover(path: Path) -> bool:
+    """Whether ``path`` is a folder repq itself makes in a run folder for a while: a stage's attempt
+    (``.tmp-<stage>-<16 hex>``) or the finished folder it replaces (``.trash-<stage>``)."""
+    match = _ATTEMPT.match(path.name) or _TRASH.match(path.name)
+    return bool(match) and match["stage"] in STAGE_ORDER and path.is_dir() and not path.is_symlink()
+
+
 def clean_leftovers(run_dir: Path, log: Callable[[str], None], pattern: str = ".trash-*",
                     keep: Path | None = None) -> None:
-    """Folders an interrupted run left behind that nothing will resume: removed, never trusted."""
+    """Folders an interrupted run left behind that nothing will resume: removed, never trusted. Only repq's own
+    names (`is_leftover`) in a folder with repq's marker: anything else there is the user's and stays."""
+    if read_marker(run_dir) is None:
+        return
     for path in sorted(run_dir.glob(pattern)):
-        if path != keep:
+        if path != keep and is_leftover(path):
             log(f"removing {path.name}: left by an interrupted run")
             shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- which folders repq may write
+
+
+# What the commands that write an output folder write there (how a folder from before markers is recognised).
+TRAINING_OUTPUT = frozenset({"last.pt", "best.pt", "metrics.jsonl"})  # repq train, substitute, qat
+FINETUNE_OUTPUT = frozenset({"repq.pt", "metrics.json", "model_int8.onnx", "finetune_state.pt"})
+# What `repq run` writes at the top of a run folder besides the stage folders and its leftovers.
+RUN_FILES = frozenset({MARKER, LOCK, "recipe.yaml", "report.md", "report.html", "metrics.json", "plots"})
+
+
+def read_marker(folder: Path) -> str | None:
+    """The command whose output ``folder`` is, from repq's marker; None when there is none."""
+    path = Path(folder) / MARKER
+    try:
+        made_by = json.loads(path.read_text(encoding="utf-8")).get("made_by")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return made_by if isinstance(made_by, str) else None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def check_not_reading(out: str | os.PathLike, reads=(), flag: str = "--out") -> None:
+    """Refuse to write ``out`` when it is, holds or lies inside a path the command reads (its recipe, its data,
+    its input model): a write would change or delete what it reads."""
+    target = _resolved(out)
+    for item in reads:
+        if item is None or str(item) == "digits":
+            continue
+        source = _resolved(item)
+        if not source.exists():
+            continue
+        if _inside(source, target) or _inside(target, source):
+            where = "is" if source == target else "holds" if _inside(source, target) else "lies inside"
+            raise RepqError(f"{flag} {out} {where} {item}, which this command reads: repq never writes where it "
+                            f"reads; pass {flag} somewhere else")
+
+
+def check_writable(folder: Path, flag: str = "--out", shown: str | os.PathLike | None = None) -> None:
+    """Create ``folder`` if needed and write (and remove) a file in it: a one-line error when it cannot be."""
+    shown = folder if shown is None else shown
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".repq-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise RepqError(f"{flag} {shown}: cannot write into {folder} ({err.strerror or type(err).__name__}): pass "
+                        f"{flag} in a folder you can write") from None
+
+
+def claim_folder(folder: str | os.PathLike, command: str, *, known: frozenset[str] | set[str] = frozenset(),
+                 required: tuple[str, ...] = (), accept: tuple[str, ...] = (), reads=(), flag: str = "--out") -> Path:
+    """Make sure ``command`` (e.g. ``repq train``) may write into ``folder``, before any work, and mark it.
+
+    Allowed: a new or empty folder; one whose marker names ``command`` (or one of ``accept``); one written before
+    repq had markers, recognised by holding only ``known`` names (its own files), all of ``required`` among them.
+    Refused in one line: a file, a folder it cannot write, a path it reads from (``reads``), any other non-empty
+    folder (its contents are the user's: repq neither overwrites nor deletes them).
+    """
+    folder, known = Path(folder), set(known) | {MARKER, LOCK}
+    if folder.exists() and not folder.is_dir():
+        raise RepqError(f"{flag} {folder} is a file, not a folder: pass a folder path (a new one is made)")
+    check_not_reading(folder, reads, flag)
+    made_by = read_marker(folder) if folder.is_dir() else None
+    if folder.is_dir() and made_by is None:
+        entries = sorted(p.name for p in folder.iterdir() if p.name != LOCK)  # a lock alone: as good as empty
+        legacy = bool(entries) and all(n in known or TEMP_NAME.match(n) for n in entries) and \
+            all(n in entries for n in required)
+        if entries and not legacy:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise RepqError(f"{flag} {folder} is not empty and repq did not make it (it holds {shown}): repq writes "
+                            f"only into a new or empty folder or one it made; pass {flag} NEW_DIR")
+    elif made_by is not None and made_by != command and made_by not in accept:
+        raise RepqError(f"{flag} {folder} holds the output of `{made_by}`, not of `{command}`: pass {flag} "
+                        "another folder")
+    check_writable(folder, flag)
+    if made_by is None:
+        atomic_write_json(folder / MARKER, {"made_by": command, "format": 1})
+    return folder
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out", reads=()) -> Path:
+    """Make sure a command may write the file ``path``, before any work: not a folder, not a path it reads, not
+    a file repq did not write (`written_by_repq`), in a folder it can write."""
+    path = Path(path)
+    if path.is_dir():
+        raise RepqError(f"{flag} {path} is a folder: pass a file path")
+    check_not_reading(path, reads, flag)
+    if path.exists() and not written_by_repq(path):
+        raise RepqError(f"{flag} {path} exists and repq did not write it: repq overwrites only its own files; move "
+                        f"it away or pass another {flag}")
+    parent = path.parent
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise RepqError(f"{flag} {path}: {probe} is a file, not a folder: pass a path in a folder")
+    check_writable(parent, flag, path)
+    return path
+
+
+def written_by_repq(path: Path) -> bool:
+    """Whether the file ``path`` is one repq wrote, as far as its contents prove it: a checkpoint with repq's
+    checksum or record, an ONNX file with repq's metadata, `repq engine --json`'s results."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".pt":
+            from repq.reparam.io import load_checkpoint, verify_checksum
+
+            if verify_checksum(path):
+                return True
+            checkpoint = load_checkpoint(path)
+            return "format" in checkpoint or {"arch", "state_dict"} <= set(checkpoint)
+        if suffix == ".onnx":
+            import onnx
+
+            graph = onnx.load(str(path), load_external_data=False)
+            return any(prop.key.startswith("repq.") for prop in graph.metadata_props)
+        if suffix == ".json":
+            results = json.loads(path.read_text(encoding="utf-8"))
+            return isinstance(results, dict) and {"target", "engine", "latency"} <= set(results)
+    except Exception:  # noqa: BLE001 -- unreadable, damaged or foreign: not provably repq's
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def command_output(out: str | os.PathLike, command: str, *, known: frozenset[str] | set[str],
+                   required: tuple[str, ...] = (), reads=()) -> Iterator[Path]:
+    """`claim_folder` and `run_lock` for a command that writes an output folder (`repq train`, `substitute`,
+    `qat`, `finetune`). Under torchrun only rank 0 writes, so only rank 0 claims and locks."""
+    out = Path(out)
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield out
+        return
+    created = not out.exists()
+    try:
+        claim_folder(out, command, known=known, required=required, reads=reads)
+        with run_lock(out, command):
+            yield out
+    except BaseException:
+        if created:  # refused before it wrote anything: the folder this call made goes again
+            _remove_if_only_ours(out)
+        raise
+
+
+def _remove_if_only_ours(folder: Path) -> None:
+    try:
+        if folder.is_dir() and {p.name for p in folder.iterdir()} <= {MARKER, LOCK}:
+            for name in (MARKER, LOCK):
+                (folder / name).unlink(missing_ok=True)
+            folder.rmdir()
+    except OSError:
+        pass
+
+
+def resume_hint(out: str | os.PathLike, state: str, saved: str, argv: list[str]) -> tuple[str, list[str]]:
+    """For a command that saves a resumable ``state`` file in ``out`` (pipeline/cli.py's Ctrl-C and disk-full
+    lines): (what it kept, the command line that continues it: the same with --resume when there is a state)."""
+    path = Path(out) / state
+    if not path.is_file():
+        return f"nothing resumable was saved yet in {out}", argv
+    return f"{saved} is saved in {path}", argv if "--resume" in argv else [*argv, "--resume"]
 
 
 def attempt_dir(run_dir: Path, stage: str, key: str) -> Path:
@@ -236,11 +456,14 @@ def pipeline_stages(recipe: Recipe, registry: dict[str, Stage]) -> tuple[list[St
 
 def run_pipeline(recipe: Recipe, run_dir: str | Path, from_stage: str | None = None,
                  registry: dict[str, Stage] | None = None, log: Callable[[str], None] = print,
-                 render_report: Callable[[Path, Recipe], Any] | None = None) -> RunSummary:
+                 render_report: Callable[[Path, Recipe], Any] | None = None,
+                 reads: tuple[str | Path, ...] = ()) -> RunSummary:
     """Run the recipe's enabled stages in order, skipping those whose key is unchanged.
 
     ``from_stage`` forces that stage and every later one to rerun. ``render_report(run_dir, recipe)`` is
     called after the last stage (the default renders report.md/.html and metrics.json, see engines/report.py).
+    ``reads``: more paths the run reads (the recipe file), which the run folder must not touch; the data's are
+    taken from the recipe. A non-empty folder without repq's marker is refused before anything is written.
     """
     registry = stage_registry.REGISTRY if registry is None else registry
     run_dir = Path(run_dir)
@@ -256,6 +479,7 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, from_stage: str | None = N
     world = World.join()
     try:
         if world.rank == 0:
+            claim_run_dir(run_dir, recipe, reads)
             with run_lock(run_dir):
                 _lead(recipe, run_dir, stages, from_stage, summary, world, log)
                 if recipe.stages.report.enabled:
@@ -268,6 +492,16 @@ def run_pipeline(recipe: Recipe, run_dir: str | Path, from_stage: str | None = N
     finally:
         world.close()
     return summary
+
+
+def claim_run_dir(run_dir: Path, recipe: Recipe, reads: tuple[str | Path, ...] = ()) -> None:
+    """`claim_folder` for `repq run`: a folder written before run folders had a marker is recognised by its
+    recipe.yaml and by holding nothing but repq's names."""
+    known = set(RUN_FILES) | set(STAGE_ORDER)
+    if run_dir.is_dir():
+        known |= {p.name for p in run_dir.iterdir() if is_leftover(p)}
+    claim_folder(run_dir, "repq run", known=known, required=("recipe.yaml",),
+                 reads=(*reads, recipe.data.source, recipe.data.val_source))
 
 
 def _lead(recipe: Recipe, run_dir: Path, stages: list[Stage], from_stage: str | None, summary: RunSummary,
@@ -384,6 +618,7 @@ def _prepare_attempt(run_dir: Path, stage: str, key: str, fresh: bool,
     resume = tmp.is_dir()
     if resume:
         log(f"{stage}: resuming the attempt an interrupted run left in {tmp.name}")
+        remove_unfinished_writes(tmp, lambda line: log(f"{stage}: {line}"))
     tmp.mkdir(parents=True, exist_ok=True)
     return tmp, resume
 
@@ -402,6 +637,7 @@ def _run_stage(stage: Stage, recipe: Recipe, run_dir: Path, key: str, data_print
             raise RepqError(f"stage {stage.name} declared output {name}={rel} but did not write it: "
                             "this is a bug in the stage, please report it")
     wall = time.time() - started
+    remove_unfinished_writes(tmp, lambda line: log(f"{stage.name}: {line}"))  # only finished files are listed
     manifest = {
         "format": MANIFEST_FORMAT,
         "stage": stage.name,
@@ -421,6 +657,7 @@ def _run_stage(stage: Stage, recipe: Recipe, run_dir: Path, key: str, data_print
         "finished": _iso(time.time()),
         "versions": versions(),
     }
+    manifest[MANIFEST_HASH] = manifest_hash(manifest)
     atomic_write_json(tmp / MANIFEST, manifest)
     _commit(tmp, run_dir / stage.name)
     log(f"{stage.name}: done in {wall:.1f} s")

@@ -46,12 +46,13 @@ def section(config: type[BaseModel], name: str, *, sweep: dict | None = None, en
     fields: dict[str, Any] = {n: (f.annotation, f) for n, f in config.model_fields.items() if n not in skip}
     fields["enabled"] = (bool, Field(enabled, description="run this stage"))
     fields.update(extra)
-    validators = {}
+    # Every run the section asks for is built into ``config`` once here, so the operation's own checks across
+    # its settings (TrainConfig: low_res_epochs needs low_res) refuse the recipe before any stage starts.
+    validators = {"_runs_valid": model_validator(mode="after")(_check_sweep(config))}
     if sweep is not None:
         fields["sweep"] = (dict[str, list[Any]], Field(default_factory=lambda: dict(sweep), description=(
             "a grid of settings to run every combination of, e.g. {method: [repq, bnest_corrected], bits: [8, 4]}"
             " (bits sets w_bits and a_bits)")))
-        validators["_sweep_combinations_valid"] = model_validator(mode="after")(_check_sweep(config))
     model = create_model(name, __base__=StageSettings, __module__=__name__, __validators__=validators, **fields)
     model.operation = config
     return model
@@ -65,9 +66,13 @@ def _check_sweep(config: type[BaseModel]):
             except ValidationError as err:
                 first = err.errors()[0]
                 where = ".".join(str(p) for p in first["loc"])
-                swept = {k: combination[SWEEP_ALIASES.get(k, (k,))[0]] for k in self.sweep}
-                raise ValueError(f"the run {swept} of the sweep has a bad {where}: "
-                                 f"{first['msg'].removeprefix('Value error, ')}") from None
+                message = first["msg"].removeprefix("Value error, ")
+                grid = getattr(self, "sweep", None) or {}
+                if not grid:  # a check across the section's settings: its message names them
+                    raise ValueError(f"{where}: {message}" if where else message) from None
+                swept = {k: combination[SWEEP_ALIASES.get(k, (k,))[0]] for k in grid}
+                raise ValueError(f"the run {swept} of the sweep has a bad {where or 'combination'}: "
+                                 f"{message}") from None
         return self
 
     return check

@@ -158,7 +158,7 @@ def score_artifact(artifact: str | Path, data: str, *, preset: str | None = None
     num_classes = record.get("num_classes") or (len(record["classes"]) if record.get("classes") else None)
     topk = (1, 5) if num_classes is None or num_classes >= 5 else (1,)
     batches = with_progress(_numpy_batches(loader), len(loader), f"evaluate {path.name}", enabled=progress)
-    scores = topk_accuracy(predict, batches, topk=topk)
+    scores = topk_accuracy(_checking_outputs(predict, path, dataset, record), batches, topk=topk)
     return {"artifact": str(path), "runtime": runtime, "data": str(data), "preset": preset_name, "split": split,
             "images": scores["images"], **{k: round(v, 4) for k, v in scores.items() if k != "images"}}
 
@@ -226,6 +226,48 @@ def _check_classes(folder: Path, folder_classes: list[str], classes: list[str] |
     if labels is None:
         return None
     return np.asarray([index[folder_classes[i]] for i in labels], dtype=np.int64)
+
+
+def _checking_outputs(predict, path: Path, dataset, record: dict):
+    """``predict``, checking on its first batch that the model has an output for every class of the data."""
+    checked = False
+
+    def run(images):
+        nonlocal checked
+        outputs = predict(images)
+        if not checked:
+            checked = True
+            check_outputs(path, outputs, record, dataset)
+        return outputs
+
+    return run
+
+
+def check_outputs(path: Path, outputs, record: dict, dataset) -> None:
+    """A one-line error when a classifier's outputs cannot be the data's classes: the classes its file records are
+    not as many as its outputs, or (recording none) the data has more classes than it has outputs; a one-line
+    warning on stderr when it records none, since then folders are matched to outputs by sorted name only."""
+    import sys
+
+    import numpy as np
+
+    width = int(np.shape(outputs)[1]) if np.ndim(outputs) == 2 else None
+    classes = record.get("classes")
+    data_classes = list(getattr(getattr(dataset, "source", None), "classes", None) or [])
+    if width is None:
+        return
+    if classes:
+        if len(classes) != width:
+            raise RepqError(f"{path} records {len(classes)} classes but has {width} outputs: the file does not match "
+                            "its own record; export it again")
+        return
+    shown = ", ".join(data_classes[:4]) + (", ..." if len(data_classes) > 4 else "")
+    if len(data_classes) > width:
+        raise RepqError(f"the data has {len(data_classes)} classes ({shown}) but {path} has {width} outputs: score "
+                        "it on data of the classes it was trained on")
+    print(f"warning: {path} records no class names: the data's {len(data_classes)} class folders ({shown}) are "
+          f"taken as its outputs 0-{len(data_classes) - 1} in sorted order; check that it was trained that way",
+          file=sys.stderr)
 
 
 def _numpy_batches(loader):
@@ -313,8 +355,12 @@ def measure_engine(path: str | Path, target: str, data: str | None = None, *, ti
             raise RepqError(f"{path} records no preprocessing (not a file repq exported): score it with "
                             "`repq eval FILE --data DIR --preset cifar|imagenet|digits`")
         dataset, split = evaluation_images(data, record)
+        first, _ = dataset[0]
+        check_outputs(path, engine(first[None].numpy()), record, dataset)  # one image: the classes match
+        from repq.progress import Tracked
+
         loader = torch.utils.data.DataLoader(dataset, batch_size=256, collate_fn=collate_batch)
-        result["accuracy"] = {**engine.evaluate(loader), "split": split}
+        result["accuracy"] = {**engine.evaluate(Tracked(loader, f"evaluate {path.name}")), "split": split}
         size = record.get("image_size")
     stats = engine.benchmark(input_image_shape(engine, default_size=size or 224), list(time_batches),
                              warmup=warmup, runs=runs)

@@ -44,6 +44,7 @@ class PTQConfig(Strict):
     fuse: bool = Field(True, description="quantize the deploy form (blocks fused); false: the training form")
     skip_layers: list[str] = Field(default_factory=list, description="Conv/Linear names kept in float")
     seed: int = Field(0, description="seed of the calibration draw")
+    progress: bool = True
 
 
 class QATConfig(Strict):
@@ -71,6 +72,8 @@ class FinetuneConfig(Strict):
     first_last_bits: int | None = Field(8, ge=MIN_BITS, le=MAX_BITS,
                                         description="the first and last layers keep at least these bits")
     epochs: float = Field(1.0, gt=0, description="may be fractional")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (quick probes; in "
+                                            "`repq run`, the train stage's when unset)")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.01, ge=0, description="SGD with momentum 0.9, cosine to 0")
     weight_decay: float = Field(0.0, ge=0)

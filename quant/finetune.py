@@ -22,8 +22,8 @@ FORMAT = "repq-finetune/1"
 STATE_NAME = "finetune_state.pt"
 # Running BN statistics this far (either way, median over a BN's channels) from the first batch's are stale:
 # an untrained model, or data other than the model's. RepQ merges with the running variance (Algorithm 1, line 6),
-# so stale statistics mis-scale the first kernels and their lag can drive training to inf (measured: a random
-# 4-bit RepVGG-A0 x0.125 at lr 0.05 reached NaN by step 21 with its default running variance of 1).
+# so stale statistics mis-scale the first kernels and their lag can drive training to inf (README, "Measurements
+# behind the defaults").
 STALE_BN_RATIO = 4.0
 STALE_BN_BATCHES = 8
 
@@ -175,7 +175,7 @@ def finetune(model: nn.Module, train_loader, config: FinetuneConfig | None = Non
     from repq.training.loop import Loop, LoopState, fit, restore, train_state, warmup_cosine
 
     c = finetune_config(config, **overrides)
-    per_epoch = len(train_loader)
+    per_epoch = min(len(train_loader), c.max_steps_per_epoch or len(train_loader))
     total = max(1, int(math.ceil(c.epochs * per_epoch)))
     freeze_step = None if c.freeze_bn_at is None else min(int(c.freeze_bn_at * total), total - 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=0.9, weight_decay=c.weight_decay)
@@ -371,14 +371,15 @@ def finetune_checkpoint(checkpoint: str | Path, data, config: FinetuneConfig, ou
     train_loader, val_loader = build_loaders(data, min(config.batch_size, len(data.train)), seed=config.seed)
     ctx = init_distributed(config.device)
     float_model = float_model.to(ctx.device)
-    fp = evaluate(copy.deepcopy(float_model), val_loader, ctx)
+    fp = evaluate(copy.deepcopy(float_model), val_loader, ctx, progress=config.progress,
+                  desc="float model: evaluate")
     log(f"float model: val {_describe(fp)} (on {ctx.device})")
     teacher = distillation_teacher(float_model, config.distill)
     model = quantized_model(copy.deepcopy(float_model), config).to(ctx.device)
     if start_from:
         continue_from(model, start_from, float_model.repq_arch)
     losses = finetune(model, train_loader, config, teacher=teacher, state_path=state, log=log)
-    fake = evaluate(model, val_loader, ctx)
+    fake = evaluate(model, val_loader, ctx, progress=config.progress, desc=f"{config.label}: evaluate")
     metrics = {**config.model_dump(mode="json"), "label": config.label, "fp32": fp, "fake_quant": fake,
                "started_from": str(start_from) if start_from else None, "steps": len(losses),
                "final_loss": sum(losses[-20:]) / len(losses[-20:])}
@@ -401,13 +402,13 @@ def finetune_checkpoint(checkpoint: str | Path, data, config: FinetuneConfig, ou
 def resolve_data(data, ckpt: dict):
     """``data`` as loaded data: as given when already loaded, else read with the split the checkpoint's model
     was trained with, so it is scored on images it never trained on."""
-    from repq.calibration.datasets import ImageData, load_data
+    from repq.calibration.datasets import ImageData, check_record_classes, load_data
     from repq.calibration.sr import SRData
     from repq.training.train import trained_split
 
     if isinstance(data, ImageData | SRData):
-        return data
-    return load_data(data, **trained_split(ckpt))
+        return check_record_classes(data, ckpt.get("data"))
+    return check_record_classes(load_data(data, **trained_split(ckpt)), ckpt.get("data"))
 
 
 def _describe(result: dict) -> str:

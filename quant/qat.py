@@ -76,9 +76,9 @@ def qat(model: nn.Module, data, out_dir: str | Path, config: QATConfig | None = 
             if ctx.is_main:
                 extra = {"data": data.describe(), "history": state.history,
                          "train_state": train_state(state, plan, optimizer, scheduler)}
-                save_quantized(model, last_path, extra)
-                if record[key] > best:
+                if record[key] > best:  # best.pt first: last.pt, where a resume starts, never gets ahead of it
                     save_quantized(model, best_path, extra)
+                save_quantized(model, last_path, extra)
                 atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state.history))
             best = max(best, record[key])
             barrier(ctx)

@@ -24,6 +24,10 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def _plural(unit: str) -> str:
+    return f"{unit}es" if unit.endswith(("s", "sh", "ch", "x")) else f"{unit}s"
+
+
 class Progress:
     """``update()`` once per unit of work; ``close()`` at the end (or use it as a context manager).
 
@@ -69,7 +73,7 @@ class Progress:
         left = (self.total - self.done) / rate if rate > 0 else 0.0
         eta = f", ETA {_fmt_seconds(left)}" if self.done < self.total else ""
         extra = f", {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {self.done}/{self.total} {self.unit}s ({100 * self.done / self.total:.0f}%)"
+        print(f"{self.desc}: {self.done}/{self.total} {_plural(self.unit)} ({100 * self.done / self.total:.0f}%)"
               f"{extra}, {_fmt_seconds(elapsed)}{eta}", file=self.stream, flush=True)
 
     def close(self) -> None:
@@ -92,3 +96,17 @@ def progress(iterable, total: int | None = None, desc: str = "", *, unit: str = 
         for item in iterable:
             yield item
             bar.update()
+
+
+class Tracked:
+    """An iterable with a length (a DataLoader) that shows progress as it is iterated: for callers that take a
+    loader and iterate it themselves (an engine's ``evaluate``)."""
+
+    def __init__(self, iterable, desc: str, *, unit: str = "batch", enabled: bool = True):
+        self.iterable, self.desc, self.unit, self.enabled = iterable, desc, unit, enabled
+
+    def __len__(self) -> int:
+        return len(self.iterable)
+
+    def __iter__(self):
+        return progress(self.iterable, len(self.iterable), self.desc, unit=self.unit, enabled=self.enabled)

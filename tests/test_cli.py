@@ -75,7 +75,7 @@ def test_run_then_rerun_is_cached_and_the_report_is_in_the_run_folder(tmp_path, 
     assert metrics["methods"][1]["int8_drop"] == pytest.approx(0.75)  # 90.0 - 89.25
     assert {p.name for p in (tmp_path / "run" / "plots").iterdir()} == \
         {"accuracy_latency.png", "weight_violins.png", "training_curves.png"}
-    assert "| PTQ max | 90.00 | 90.00 | 89.25 | fused -> engine (-0.75) |" in \
+    assert "| PTQ max | 90.00 | 90.00 | 89.25 | 0.75 | fused -> engine -0.75 |" in \
         (tmp_path / "run" / "report.md").read_text()
     assert call("run", argv) == 0
     assert "ran nothing; cached train, engine" in capsys.readouterr().out
@@ -96,7 +96,7 @@ def test_run_then_rerun_is_cached_and_the_report_is_in_the_run_folder(tmp_path, 
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    torch = pytest.importorskip("torch")
+    import torch
     from PIL import Image
 
     from repq.calibration.transforms import PRESETS
@@ -174,9 +174,8 @@ def test_eval_maps_class_folders_by_name(classifier, tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's legacy exporter, which repq uses on purpose
 def test_eval_onnx_in_onnx_runtime_matches_pytorch(classifier, tmp_path, capsys):
-    torch = pytest.importorskip("torch")
-    onnx = pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
+    import onnx
+    import torch
     path = tmp_path / "model.onnx"
     torch.onnx.export(classifier["model"], torch.zeros(1, 3, 32, 32), str(path), dynamo=False,
                       input_names=["images"], output_names=["logits"], dynamic_axes={"images": {0: "batch"}})
@@ -202,7 +201,7 @@ def test_eval_bad_inputs_are_one_line(classifier, tmp_path):
 
 
 def test_eval_super_resolution_psnr_matches_a_direct_computation(tmp_path, capsys):
-    torch = pytest.importorskip("torch")
+    import torch
     from PIL import Image
 
     from repq.reparam import create_model
@@ -243,7 +242,8 @@ def test_eval_super_resolution_psnr_matches_a_direct_computation(tmp_path, capsy
 def test_finetune_scores_on_the_checkpoints_own_val_split(tmp_path):
     """`repq finetune` without --val-size evaluates on the split the checkpoint trained with (digits: its val
     share and split seed), not on a fixed count that the default data may not even have."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     from repq.calibration.datasets import load_data
     from repq.calibration.loaders import build_loaders
     from repq.reparam import create_model
@@ -267,7 +267,7 @@ def test_finetune_scores_on_the_checkpoints_own_val_split(tmp_path):
 
 
 def test_finetune_on_cuda_without_a_gpu_is_a_one_line_error(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the refusal path cannot run")
     from repq.reparam import create_model
@@ -284,7 +284,8 @@ def test_finetune_killed_mid_run_resumes_with_resume_to_the_same_model(tmp_path,
     """`repq finetune` killed at its 4th step (states every 2 steps) leaves OUT/finetune_state.pt: a rerun
     without --resume refuses to overwrite it, one with --resume writes the repq.pt an uninterrupted run
     writes (bit-exact) and removes the state."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     from repq.quant import finetune as finetune_module
     from repq.reparam import create_model
     from repq.reparam.io import atomic_save
@@ -331,7 +332,8 @@ def test_finetune_start_from_continues_the_saved_state_and_refuses_other_setting
     step, nothing may move, so the state written equals the loaded one exactly (learned steps and BNEst's
     correction are not re-measured). A fresh run with the same settings ends elsewhere: the load is what
     carries the state. Other widths get a one-line error."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     from repq.reparam import create_model
     from repq.reparam.io import atomic_save
 

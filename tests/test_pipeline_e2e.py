@@ -65,3 +65,40 @@ def test_a_rerun_redoes_nothing(run_dir):
     log = again.stdout + again.stderr
     assert "running" not in log.replace("repq run", "")
     assert log.count("cached - skipping") == 7
+
+
+def test_every_artifact_the_run_wrote_is_accepted_by_repq_eval(run_dir, capsys):
+    """Each model file (training checkpoints, PTQ models of the substituted QARepVGG, RepQ fine-tunes) and each
+    ONNX file scores through `repq eval` on the data it was made with, on the split the run scored: the ORT
+    INT8 file gives the engine stage's own top-1."""
+    from repq.pipeline.cli import main
+
+    files = sorted(p for p in run_dir.rglob("*") if p.suffix in (".pt", ".onnx") and ".tmp" not in p.name
+                   and "state" not in p.name)
+    assert {p.parent.name for p in files} >= {"train", "substitute", "ptq", "export"} and len(files) > 10
+    scores = {}
+    for path in files:
+        assert main(["eval", str(path), "--data", "digits", "--json"]) == 0, path
+        result = json.loads(capsys.readouterr().out)
+        assert result["images"] == 180 and "held out" in result["split"], path
+        scores[path.name] = result["top1"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    engine = {r["method"]: r["top1"] for r in metrics["methods"] if r.get("engine") == "onnxruntime" and "top1" in r}
+    assert scores["qarepvgg_a0_ptq_max.ort.onnx"] == pytest.approx(engine["qarepvgg_a0 PTQ max"], abs=1e-3)
+
+
+def test_repq_engine_and_export_work_on_the_runs_files_with_the_default_data(run_dir, capsys, tmp_path):
+    """`repq engine --data digits` scores the file on the digits split it records (no 5,000-image default);
+    `repq export` exports a PTQ model of the substituted network (rebuilt with its transforms)."""
+    from repq.pipeline.cli import main
+
+    file = run_dir / "export" / "qarepvgg_a0_ptq_max.ort.onnx"
+    assert main(["engine", str(file), "--data", "digits", "--batches", "1", "--runs", "2", "--warmup", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy"]["images"] == 180
+    out = tmp_path / "again.ort.onnx"
+    assert main(["export", "--quantized", str(run_dir / "ptq" / "qarepvgg_a0_ptq_max.pt"), "--target",
+                 "onnxruntime", "--out", str(out)]) == 0
+    assert main(["eval", str(out), "--data", "digits", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1])["top1"] == pytest.approx(result["accuracy"]["top1"], abs=1e-3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,9 +55,20 @@ TOY = textwrap.dedent('''
         return {"outputs": {"quantized": "q.txt"}, "metrics": {"top1": 90.0}}
 
     def export(ctx):
+        from repq.reparam.io import _atomic_write, atomic_write_text
+
         _note("export")
-        text = ctx.input("ptq", "quantized").read_text()
-        ctx.path("model.onnx.txt").write_text(text + " | onnx")
+        text = ctx.input("ptq", "quantized").read_text() + " | onnx"
+        marker = os.environ.get("TOY_SLOW_EXPORT")
+        if marker:  # the kill-during-export test: half of the file written through repq's atomic writer, then hang
+            def half_then_hang(handle):
+                handle.write(text[: len(text) // 2].encode())
+                handle.flush()
+                Path(marker).write_text("started")
+                time.sleep(60)
+
+            _atomic_write(ctx.path("model.onnx.txt"), half_then_hang)
+        atomic_write_text(ctx.path("model.onnx.txt"), text)
         return {"outputs": {"onnx": "model.onnx.txt"}}
 ''')
 
@@ -221,6 +233,51 @@ def test_sigkill_mid_stage_then_rerun_loses_nothing(toy, tmp_path):
     assert before == finished_files()
 
 
+def test_sigkill_during_export_commits_only_complete_files(toy, tmp_path):
+    """`kill -9` while export writes a file: the rerun resumes the attempt, and what enters the export manifest
+    (and so the run) is only files written to the end, never the temp file of the interrupted write."""
+    temp_name = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # repq.reparam.io's atomic writes in progress
+    run, run_dir = toy
+    assert run() == ["train", "ptq", "export"]
+    finished = {p.relative_to(run_dir): sha256_file(p) for p in run_dir.glob("[!.]*/*") if p.is_file()}
+    marker = tmp_path / "exporting"
+    script = textwrap.dedent(f'''
+        import sys
+        sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT)!r}]
+        from repq.pipeline.recipe import load_recipe
+        from repq.pipeline.runfolder import run_pipeline
+        from repq.pipeline.stages import register
+        registry = {{}}
+        register("train", "toy_stages:train", needs=(), registry=registry)
+        register("ptq", "toy_stages:ptq", needs=("train",), registry=registry)
+        register("export", "toy_stages:export", needs=("ptq",), registry=registry)
+        run_pipeline(load_recipe(None, {OFF!r} + ["stages.export.opset=16"]), {str(run_dir)!r}, registry=registry)
+    ''')
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path,
+                            env={**os.environ, "TOY_SLOW_EXPORT": str(marker)})
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None, "the subprocess ended before reaching the export"
+        assert time.time() < deadline, "the subprocess never reached the export"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (tmp_path / "journal.txt").unlink()
+    halves = [p for p in run_dir.glob(".tmp-export-*/*") if temp_name.match(p.name)]
+    assert len(halves) == 1, "the killed write should have left its temp file in the attempt folder"
+    assert {p.relative_to(run_dir): sha256_file(p) for p in run_dir.glob("[!.]*/*") if p.is_file()} == finished
+
+    assert run("stages.export.opset=16") == ["export"]  # resumes the attempt with the half-written temp file
+    assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.glob(".tmp-*"))
+    records = read_run(run_dir)
+    assert sorted(records) == ["export", "ptq", "train"]
+    assert list(records["export"].files) == ["model.onnx.txt"]
+    for record in records.values():  # every file a manifest lists is there, whole
+        for rel, digest in record.files.items():
+            assert not temp_name.match(Path(rel).name) and sha256_file(record.dir / rel) == digest
+    assert (run_dir / "export" / "model.onnx.txt").read_text() == "model epochs=2 | calib=512 | onnx"
+
+
 def test_concurrent_run_on_same_folder_is_refused(toy):
     run, run_dir = toy
     from repq.pipeline.runfolder import run_lock
@@ -311,6 +368,7 @@ def test_torchrun_ranks_share_one_run_folder(tmp_path):
     assert journals[0][0].startswith("train:.tmp-train-")
     assert outs[0] == outs[1] == "ran ['train', 'ptq'] cached []"
     assert (tmp_path / "run" / "ptq" / "q.txt").read_text() == "sum of ranks+1 = 3 over 2 | quantized"
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "ptq", "recipe.yaml", "train"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", ".repq-run", "ptq", "recipe.yaml",
+                                                                    "train"]
     outs, journals = launch()
     assert journals == {0: [], 1: []} and outs[0] == outs[1] == "ran [] cached ['train', 'ptq']"

@@ -17,6 +17,7 @@ from repq.quant.config import FinetuneConfig
 # A value other than the default for every setting: a new setting must be added here, and so gets checked.
 OTHER_VALUES = {
     "method": "bn", "w_bits": 4, "a_bits": 6, "act_unsigned": True, "first_last_bits": 6, "epochs": 2.5,
+    "max_steps_per_epoch": 5,
     "batch_size": 32, "lr": 0.002, "weight_decay": 1e-4, "label_smoothing": 0.1, "distill": 0.5,
     "recalibrate_bn": 7, "freeze_bn_at": 0.75, "init": "max", "weight_init": "minerror", "seed": 3,
     "device": "cpu", "save_every": 9, "progress": False,

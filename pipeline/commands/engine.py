@@ -41,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
     path = args.file or args.onnx
     if path is None:
         raise RepqError("repq engine needs the file to run: repq engine FILE.onnx [--target NAME] [--data DIR]")
+    if args.json:
+        from repq.pipeline.runfolder import check_output_file
+
+        check_output_file(args.json, "--json", reads=(path, args.data))
     row = get_target(args.target)
     options = row.select(threads=args.threads, precision=args.precision, workspace_gb=args.workspace_gb,
                          batch_sizes=tuple(sorted(set(args.batches))))

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = score_artifact(args.artifact, args.data, preset=args.preset, engine=args.engine, fuse=args.fuse,
                             batch_size=args.batch_size, workers=args.workers, threads=args.threads,
-                            scale=args.scale, progress=not args.json)
+                            scale=args.scale, progress=True)  # on stderr: --json's stdout stays one object
     if args.json:
         print(json.dumps(result, sort_keys=True))
     elif "psnr" in result:

@@ -32,12 +32,16 @@ def run(args: argparse.Namespace) -> int:
     from repq.engines.config import ExportConfig
     from repq.engines.targets import get_target
     from repq.pipeline.flags import config_from_args
+    from repq.pipeline.runfolder import check_output_file
     from repq.quant.artifacts import export_artifact, input_shape, load_artifact
 
     config = config_from_args(args, ExportConfig)
+    if args.out:
+        check_output_file(args.out, reads=(args.quantized,))
     artifact = load_artifact(args.quantized)
     suffix = get_target(args.target).suffix if artifact.quantized else ".fp32.onnx"
     out = Path(args.out) if args.out else Path(args.quantized).with_suffix(suffix)
+    check_output_file(out, reads=(args.quantized,))
     export_artifact(artifact, out, args.target, opset=config.opset, dynamic_batch=config.dynamic_batch,
                     image_size=args.image_size)
     shape = input_shape(artifact.model, artifact.data, args.image_size)

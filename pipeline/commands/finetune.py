@@ -34,15 +34,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, FinetuneConfig, title="fine-tuning settings (FinetuneConfig)")
 
 
+def resume_hint(args: argparse.Namespace, argv: list[str]) -> tuple[str, list[str]]:
+    from repq.pipeline.runfolder import resume_hint as hint
+    from repq.quant.finetune import STATE_NAME
+
+    return hint(args.out, STATE_NAME, "the fine-tune's state at its last save", argv)
+
+
 def run(args: argparse.Namespace) -> int:
+    from repq.pipeline.runfolder import FINETUNE_OUTPUT, command_output
     from repq.quant.finetune import finetune_checkpoint
 
     config = config_from_args(args, FinetuneConfig)
-    data = args.data
-    if args.val_size is not None or args.split_seed is not None:
-        data = _data_with_split(args)
-    finetune_checkpoint(args.checkpoint, data, config, args.out, resume=args.resume, start_from=args.start_from,
-                        export=not args.no_export)
+    with command_output(args.out, "repq finetune", known=FINETUNE_OUTPUT,
+                        reads=(args.checkpoint, args.data, args.start_from)):
+        data = args.data
+        if args.val_size is not None or args.split_seed is not None:
+            data = _data_with_split(args)
+        finetune_checkpoint(args.checkpoint, data, config, args.out, resume=args.resume,
+                            start_from=args.start_from, export=not args.no_export)
     return 0
 
 

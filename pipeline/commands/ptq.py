@@ -24,8 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from repq.pipeline.runfolder import check_output_file
     from repq.quant.toolkit import ptq_checkpoint
 
+    check_output_file(args.out, reads=(args.ckpt, args.data))
     result = ptq_checkpoint(args.ckpt, args.data, config_from_args(args, PTQConfig), args.out)
     print(f"saved to {result['file']}")
     return 0

@@ -24,9 +24,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, QATConfig, title="QAT settings (QATConfig)")
 
 
+def resume_hint(args: argparse.Namespace, argv: list[str]) -> tuple[str, list[str]]:
+    from repq.pipeline.runfolder import resume_hint as hint
+
+    return hint(args.out, "last.pt", "the last finished epoch", argv)
+
+
 def run(args: argparse.Namespace) -> int:
+    from repq.pipeline.runfolder import TRAINING_OUTPUT, command_output
     from repq.quant.qat import qat_file
 
-    result = qat_file(args.quantized, args.data, config_from_args(args, QATConfig), args.out, resume=args.resume)
+    config = config_from_args(args, QATConfig)
+    with command_output(args.out, "repq qat", known=TRAINING_OUTPUT, reads=(args.quantized, args.data)):
+        result = qat_file(args.quantized, args.data, config, args.out, resume=args.resume)
     print(f"QAT done: best val {result['best']:.2f}, checkpoints in {args.out}")
     return 0

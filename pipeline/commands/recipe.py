@@ -29,7 +29,22 @@ def run(args: argparse.Namespace) -> int:
     if args.show:
         print(recipe.to_yaml(), end="")
         return 0
+    _check_model(recipe.model.name, path)  # only here: --show stays free of torch
     enabled = [name for name in STAGE_ORDER if recipe.stage(name).enabled]
     print(f"recipe {path or '(embedded default)'} is valid: {recipe.name}, model {recipe.model.name} on "
           f"{recipe.data.source}; stages {', '.join(enabled)}")
     return 0
+
+
+def _check_model(name: str, path: str | None) -> None:
+    """A recipe is valid only when its model exists: a zoo name or a torchvision classifier's."""
+    import difflib
+
+    from repq.errors import RepqError
+    from repq.reparam.models import MODELS, _torchvision_factory
+
+    if name in MODELS or _torchvision_factory(name) is not None:
+        return
+    close = difflib.get_close_matches(name, MODELS, n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "`repq models` lists them"
+    raise RepqError(f"recipe {path or '(embedded default)'}: model.name {name!r} is no model repq knows: {hint}")

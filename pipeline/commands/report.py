@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="where to write the report (default: RUN_DIR)")
 
 
+REPORT_FILES = frozenset({"report.md", "report.html", "metrics.json", "plots"})
+
+
 def run(args: argparse.Namespace) -> int:
     from repq.pipeline.recipe import load_recipe
     from repq.pipeline.run_report import render_run_report
@@ -30,6 +33,14 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise RepqError(f"run folder {run_dir} does not exist: pass a folder `repq run` wrote (runs/<name>)")
+    if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
+        from repq.pipeline.runfolder import claim_folder
+
+        claim_folder(args.out, "repq report", known=REPORT_FILES, accept=("repq run",))
+    else:
+        from repq.pipeline.runfolder import check_writable
+
+        check_writable(run_dir, "RUN_DIR")
     recipe_file = run_dir / "recipe.yaml"
     recipe = load_recipe(recipe_file) if recipe_file.is_file() else None
     if not read_run(run_dir):

@@ -39,12 +39,13 @@ def run(args: argparse.Namespace) -> int:
     recipe_path, overrides = split_items(args.items)
     recipe = load_recipe(recipe_path, overrides)
     run_dir = default_run_dir(recipe, args.out)
+    reads = (recipe_path,) if recipe_path else ()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the run
-        run_pipeline(recipe, run_dir, from_stage=args.from_stage, log=lambda line: None)
+        run_pipeline(recipe, run_dir, from_stage=args.from_stage, log=lambda line: None, reads=reads)
         return 0
     print(f"repq run: recipe {recipe_path or '(embedded default)'} -> {run_dir}", file=sys.stderr)
     summary = run_pipeline(recipe, run_dir, from_stage=args.from_stage,
-                           log=lambda line: print(line, file=sys.stderr, flush=True))
+                           log=lambda line: print(line, file=sys.stderr, flush=True), reads=reads)
     parts = [f"ran {', '.join(summary.ran) or 'nothing'}"]
     if summary.cached:
         parts.append(f"cached {', '.join(summary.cached)}")
@@ -55,3 +56,23 @@ def run(args: argparse.Namespace) -> int:
     if report.is_file():
         print(f"report: {report} (and report.md, metrics.json)")
     return 0
+
+
+def resume_hint(args: argparse.Namespace, argv: list[str]) -> tuple[str, list[str]]:
+    """(what an interrupted or failed run kept, the command line that continues it) for pipeline/cli.py."""
+    from repq.pipeline.runfolder import default_run_dir, read_run
+
+    recipe_path, overrides = split_items(args.items)
+    run_dir = default_run_dir(load_recipe(recipe_path, overrides), args.out)
+    done = list(read_run(Path(run_dir), verify=False)) if Path(run_dir).is_dir() else []
+    kept = (f"finished stages are kept in {run_dir} ({', '.join(done)})" if done
+            else f"no stage had finished in {run_dir}")
+    again, skip = [], False  # the same command without --from, which would redo the forced stages
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--from":
+            skip = True
+        elif not item.startswith("--from="):
+            again.append(item)
+    return f"{kept}; an interrupted stage continues from its last save", again

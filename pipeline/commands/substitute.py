@@ -24,11 +24,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, SubstituteConfig, title="substitution settings (SubstituteConfig)")
 
 
+def resume_hint(args: argparse.Namespace, argv: list[str]) -> tuple[str, list[str]]:
+    from repq.pipeline.runfolder import resume_hint as hint
+
+    return hint(args.out, "last.pt", "the last finished epoch", argv)
+
+
 def run(args: argparse.Namespace) -> int:
+    from repq.pipeline.runfolder import TRAINING_OUTPUT, command_output
     from repq.training.train import substitute
 
-    summary = substitute(args.checkpoint, args.data, config_from_args(args, SubstituteConfig), args.out,
-                         resume=args.resume)
+    config = config_from_args(args, SubstituteConfig)
+    with command_output(args.out, "repq substitute", known=TRAINING_OUTPUT, reads=(args.checkpoint, args.data)):
+        summary = substitute(args.checkpoint, args.data, config, args.out, resume=args.resume)
     if summary.get("rank", 0) == 0:
         best = summary["best"]
         print(f"QARepVGG: best val top-1 {best['val_top1']:.2f}% (deploy form {best['deploy_val_top1']:.2f}%); "

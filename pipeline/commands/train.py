@@ -58,8 +58,15 @@ def _read_config(path: str) -> dict:
     return values.get("train", values)  # a whole recipe file works too
 
 
+def resume_hint(args: argparse.Namespace, argv: list[str]) -> tuple[str, list[str]]:
+    from repq.pipeline.runfolder import resume_hint as hint
+
+    return hint(args.out, "last.pt", "the last finished epoch", argv)
+
+
 def run(args: argparse.Namespace) -> int:
     from repq.engines.timing import quality_key
+    from repq.pipeline.runfolder import TRAINING_OUTPUT, command_output
     from repq.reparam import is_super_resolution
     from repq.training.train import train
 
@@ -69,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         from repq.calibration.sr import load_sr_data
 
         data = load_sr_data(args.data, args.val_data, args.scale, seed=settings.split_seed)
-    summary = train(settings, data, args.out, resume=args.resume)
+    with command_output(args.out, "repq train", known=TRAINING_OUTPUT, reads=(args.data, args.val_data, args.config)):
+        summary = train(settings, data, args.out, resume=args.resume)
     best = summary["best"]
     if best and summary["rank"] == 0:
         key = quality_key(best)
