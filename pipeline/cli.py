@@ -14,30 +14,30 @@ import sys
 
 from repq.errors import RepqError
 
-# name -> (module, one-line help). The module is imported only when its command runs.
+# Each command's one-line help; its module (repq.pipeline.commands.NAME) is imported only when it runs.
 _PKG = "repq.pipeline.commands"
-COMMANDS: dict[str, tuple[str, str]] = {
-    "run": (f"{_PKG}.run", "run a recipe: re-param training to INT8 engines and a report, resumable"),
-    "recipe": (f"{_PKG}.recipe", "check a recipe and print it with every default (--show)"),
-    "train": (f"{_PKG}.train", "train a re-param model in full precision (resumable, torchrun-ready)"),
-    "substitute": (f"{_PKG}.substitute", "RepVGG blocks -> QARepVGG blocks, then training with plain L2"),
-    "ptq": (f"{_PKG}.ptq", "post-training INT8 quantization with NVIDIA's toolkit (ModelOpt)"),
-    "qat": (f"{_PKG}.qat", "fine-tune a quantized model with its fake quantizers (toolkit QAT)"),
-    "finetune": (f"{_PKG}.finetune", "RepQ fine-tuning through each block's merged kernel (or Merged LSQ)"),
-    "export": (f"{_PKG}.export", "write the QDQ ONNX file of a quantized model for one engine target"),
-    "engine": (f"{_PKG}.engine", "build one engine of the table from an ONNX file: accuracy on it, latency, FPS"),
-    "bench": (f"{_PKG}.bench", "latency and throughput of ONNX files on the engines of the table"),
-    "eval": (f"{_PKG}.eval", "top-1/top-5 (or PSNR) of a checkpoint, ONNX file or engine on any folder"),
-    "report": (f"{_PKG}.report", "render a run folder's report.md, report.html and metrics.json again"),
-    "models": (f"{_PKG}.models", "list the model zoo, or check that a model fuses exactly"),
-}
+COMMANDS: dict[str, str] = dict(line.split("  ", 1) for line in """
+run  run a recipe: re-param training to INT8 engines and a report, resumable
+recipe  check a recipe and print it with every default (--show)
+train  train a re-param model in full precision (resumable, torchrun-ready)
+substitute  RepVGG blocks -> QARepVGG blocks, then training with plain L2
+ptq  post-training INT8 quantization with NVIDIA's toolkit (ModelOpt)
+qat  fine-tune a quantized model with its fake quantizers (toolkit QAT)
+finetune  RepQ fine-tuning through each block's merged kernel (or Merged LSQ)
+export  write the QDQ ONNX file of a quantized model for one engine target
+engine  build one engine of the table from an ONNX file: accuracy on it, latency, FPS
+bench  latency and throughput of ONNX files on the engines of the table
+eval  top-1/top-5 (or PSNR) of a checkpoint, ONNX file or engine on any folder
+report  render a run folder's report.md, report.html and metrics.json again
+models  list the model zoo, or check that a model fuses exactly
+""".strip().splitlines())
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repq", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, description=help_text).set_defaults(_module=module)
+    for name, help_text in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text).set_defaults(_module=f"{_PKG}.{name}")
     return parser
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(first._module)
-    sub = argparse.ArgumentParser(prog=f"repq {first.command}", description=COMMANDS[first.command][1])
+    sub = argparse.ArgumentParser(prog=f"repq {first.command}", description=COMMANDS[first.command])
     module.add_arguments(sub)
     args = sub.parse_intermixed_args(argv[1:])  # `repq run RECIPE --out DIR key=value` in any order
     try:

@@ -114,3 +114,27 @@ def validate_config(config: type[BaseModel], values: dict, what: str = "setting"
 
         where = f"{flag_name(loc)} ({what} {loc})" if loc else f"{what}s"
         raise RepqError(f"{where}: {error_detail(first)}") from None
+
+
+DATA_HELP = "ImageFolder tree (train/ [val/ or test/]) or `digits`"
+EPOCH_STATE = ("last.pt", "the last finished epoch")  # what train, substitute and qat save to resume from
+
+
+def add_folder_command(parser: argparse.ArgumentParser, doc: str | None, *, source: tuple[str, str] | None = None,
+                       out: str, resume: str = "continue from OUT/last.pt", data: str = DATA_HELP) -> None:
+    """The flags every command writing an output folder shares: its input (``source``: flag, help), ``--data``,
+    ``--out`` and ``--resume``; ``doc`` (the module's docstring) is the command's --help text."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = doc
+    if source is not None:
+        parser.add_argument(source[0], required=True, help=source[1])
+    parser.add_argument("--data", default="digits", help=data)
+    parser.add_argument("--out", required=True, help=out)
+    parser.add_argument("--resume", action="store_true", help=resume)
+
+
+def epoch_resume_hint(args: argparse.Namespace, argv: list[str]) -> tuple[str, list[str]]:
+    """`resume_hint` of the commands that save OUT/last.pt each epoch (train, substitute, qat)."""
+    from repq.pipeline.runfolder import resume_hint
+
+    return resume_hint(args.out, *EPOCH_STATE, argv)

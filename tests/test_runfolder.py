@@ -77,6 +77,38 @@ OFF = ["stages.substitute.enabled=false", "stages.qat.enabled=false", "stages.re
        "stages.train.epochs=2", "stages.ptq.calib_size=512", "name=toy"]
 
 
+def toy_run_script(tmp_path: Path, run_dir: Path) -> str:
+    """A `python -c` script running the toy pipeline into ``run_dir``: argv `force` reruns ptq with --from,
+    other argv items are overrides."""
+    return textwrap.dedent(f'''
+        import sys
+        sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT)!r}]
+        from repq.pipeline.recipe import load_recipe
+        from repq.pipeline.runfolder import run_pipeline
+        from repq.pipeline.stages import register
+        registry = {{}}
+        register("train", "toy_stages:train", needs=(), registry=registry)
+        register("ptq", "toy_stages:ptq", needs=("train",), registry=registry)
+        register("export", "toy_stages:export", needs=("ptq",), registry=registry)
+        force = sys.argv[1:] == ["force"]
+        overrides = ["stages.ptq.calib_size=32"] if force else sys.argv[1:]
+        run_pipeline(load_recipe(None, {OFF!r} + overrides), {str(run_dir)!r},
+                     registry=registry, from_stage="ptq" if force else None)
+    ''')
+
+
+def kill_when(marker: Path, argv: list[str], env: dict, cwd: Path) -> None:
+    """Start ``argv`` and SIGKILL it as soon as it writes ``marker`` (it must, within 2 minutes)."""
+    proc = subprocess.Popen(argv, env=env, cwd=cwd)
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None, "the subprocess ended before reaching the point to kill it at"
+        assert time.time() < deadline, "the subprocess never reached the point to kill it at"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.fixture
 def toy(tmp_path, monkeypatch):
     (tmp_path / "toy_stages.py").write_text(TOY)
@@ -186,32 +218,10 @@ def test_sigkill_mid_stage_then_rerun_loses_nothing(toy, tmp_path):
 
     before = finished_files()
     marker = tmp_path / "started"
-    script = textwrap.dedent(f'''
-        import sys
-        sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT)!r}]
-        from repq.pipeline.recipe import load_recipe
-        from repq.pipeline.runfolder import run_pipeline
-        from repq.pipeline.stages import register
-        registry = {{}}
-        register("train", "toy_stages:train", needs=(), registry=registry)
-        register("ptq", "toy_stages:ptq", needs=("train",), registry=registry)
-        register("export", "toy_stages:export", needs=("ptq",), registry=registry)
-        force = sys.argv[1:] == ["force"]
-        overrides = ["stages.ptq.calib_size=32"] if force else sys.argv[1:]
-        run_pipeline(load_recipe(None, {OFF!r} + overrides), {str(run_dir)!r},
-                     registry=registry, from_stage="ptq" if force else None)
-    ''')
     env = {**os.environ, "TOY_SLOW_MARKER": str(marker)}
 
     def start_and_kill(*args):
-        proc = subprocess.Popen([sys.executable, "-c", script, *args], env=env, cwd=tmp_path)
-        deadline = time.time() + 120
-        while not marker.exists():
-            assert proc.poll() is None, "the subprocess ended before reaching the stage"
-            assert time.time() < deadline, "the subprocess never reached the stage"
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_when(marker, [sys.executable, "-c", toy_run_script(tmp_path, run_dir), *args], env, tmp_path)
         marker.unlink()
         (tmp_path / "journal.txt").unlink()  # what the killed run noted
         assert list(run_dir.glob(".tmp-ptq-*")), "the killed stage should be writing into a temp folder"
@@ -241,27 +251,8 @@ def test_sigkill_during_export_commits_only_complete_files(toy, tmp_path):
     assert run() == ["train", "ptq", "export"]
     finished = {p.relative_to(run_dir): sha256_file(p) for p in run_dir.glob("[!.]*/*") if p.is_file()}
     marker = tmp_path / "exporting"
-    script = textwrap.dedent(f'''
-        import sys
-        sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT)!r}]
-        from repq.pipeline.recipe import load_recipe
-        from repq.pipeline.runfolder import run_pipeline
-        from repq.pipeline.stages import register
-        registry = {{}}
-        register("train", "toy_stages:train", needs=(), registry=registry)
-        register("ptq", "toy_stages:ptq", needs=("train",), registry=registry)
-        register("export", "toy_stages:export", needs=("ptq",), registry=registry)
-        run_pipeline(load_recipe(None, {OFF!r} + ["stages.export.opset=16"]), {str(run_dir)!r}, registry=registry)
-    ''')
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path,
-                            env={**os.environ, "TOY_SLOW_EXPORT": str(marker)})
-    deadline = time.time() + 120
-    while not marker.exists():
-        assert proc.poll() is None, "the subprocess ended before reaching the export"
-        assert time.time() < deadline, "the subprocess never reached the export"
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(marker, [sys.executable, "-c", toy_run_script(tmp_path, run_dir), "stages.export.opset=16"],
+              {**os.environ, "TOY_SLOW_EXPORT": str(marker)}, tmp_path)
     (tmp_path / "journal.txt").unlink()
     halves = [p for p in run_dir.glob(".tmp-export-*/*") if temp_name.match(p.name)]
     assert len(halves) == 1, "the killed write should have left its temp file in the attempt folder"

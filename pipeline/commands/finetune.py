@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 
-from repq.pipeline.flags import add_config_flags, config_from_args
+from repq.pipeline.flags import add_config_flags, add_folder_command, config_from_args
 from repq.quant.config import FinetuneConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = __doc__
-    parser.add_argument("--checkpoint", required=True, help="full-precision checkpoint from `repq train`")
-    parser.add_argument("--data", default="digits", help="ImageFolder tree (train/ [val/ or test/]) or `digits`")
-    parser.add_argument("--out", required=True, help="output folder: repq.pt, metrics.json, model_int8.onnx")
+    add_folder_command(parser, __doc__, source=("--checkpoint", "full-precision checkpoint from `repq train`"),
+                       out="output folder: repq.pt, metrics.json, model_int8.onnx",
+                       resume="continue the fine-tune a kill interrupted, from OUT/finetune_state.pt")
     parser.add_argument("--val-size", type=float, default=None,
                         help="val split carved from train (count or fraction; default: the checkpoint's training "
                              "split, so the model is scored on images it never trained on)")
@@ -28,8 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-from", metavar="REPQ_PT",
                         help="continue a previous fine-tune of this checkpoint (its DIR/repq.pt, same --method, "
                              "bit widths and --act-unsigned) with a fresh schedule: learned steps are kept")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the fine-tune a kill interrupted, from OUT/finetune_state.pt")
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export and ORT evaluation")
     add_config_flags(parser, FinetuneConfig, title="fine-tuning settings (FinetuneConfig)")
 

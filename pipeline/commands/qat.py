@@ -9,25 +9,18 @@ from __future__ import annotations
 
 import argparse
 
-from repq.pipeline.flags import add_config_flags, config_from_args
+from repq.pipeline.flags import add_config_flags, add_folder_command, config_from_args, epoch_resume_hint
 from repq.quant.config import QATConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = __doc__
-    parser.add_argument("--quantized", required=True, help="output of `repq ptq`")
-    parser.add_argument("--data", default="digits", help="ImageFolder tree or `digits` (read with the split the "
-                        "quantized file records)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    parser.add_argument("--out", required=True, help="run folder: last.pt, best.pt, metrics.jsonl")
+    add_folder_command(parser, __doc__, source=("--quantized", "output of `repq ptq`"),
+                       out="run folder: last.pt, best.pt, metrics.jsonl",
+                       data="ImageFolder tree or `digits` (read with the split the quantized file records)")
     add_config_flags(parser, QATConfig, title="QAT settings (QATConfig)")
 
 
-def resume_hint(args: argparse.Namespace, argv: list[str]) -> tuple[str, list[str]]:
-    from repq.pipeline.runfolder import resume_hint as hint
-
-    return hint(args.out, "last.pt", "the last finished epoch", argv)
+resume_hint = epoch_resume_hint
 
 
 def run(args: argparse.Namespace) -> int:

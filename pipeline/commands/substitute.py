@@ -10,24 +10,17 @@ from __future__ import annotations
 
 import argparse
 
-from repq.pipeline.flags import add_config_flags, config_from_args
+from repq.pipeline.flags import add_config_flags, add_folder_command, config_from_args, epoch_resume_hint
 from repq.training.config import SubstituteConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = __doc__
-    parser.add_argument("--checkpoint", required=True, help="RepVGG training checkpoint (DIR/best.pt of repq train)")
-    parser.add_argument("--data", default="digits", help="ImageFolder tree (train/ [val/ or test/]) or `digits`")
-    parser.add_argument("--out", required=True, help="run folder: metrics.jsonl, last.pt, best.pt")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    add_folder_command(parser, __doc__, source=("--checkpoint", "RepVGG training checkpoint (DIR/best.pt of repq "
+                                                "train)"), out="run folder: metrics.jsonl, last.pt, best.pt")
     add_config_flags(parser, SubstituteConfig, title="substitution settings (SubstituteConfig)")
 
 
-def resume_hint(args: argparse.Namespace, argv: list[str]) -> tuple[str, list[str]]:
-    from repq.pipeline.runfolder import resume_hint as hint
-
-    return hint(args.out, "last.pt", "the last finished epoch", argv)
+resume_hint = epoch_resume_hint
 
 
 def run(args: argparse.Namespace) -> int:
