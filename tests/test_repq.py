@@ -617,6 +617,34 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path, kill_at, 
     assert [k for k in expected if not torch.equal(got[k], expected[k])] == []
 
 
+def test_the_stale_bn_check_measures_exact_statistics_not_bnests_estimate():
+    """A model whose running statistics are this batch's exact ones is not stale, whatever BNEst's estimate of
+    them is (on a trained CIFAR RepVGG-A0 the estimate was a median 3x under, which the check took for
+    staleness); an untrained one (running variance 1) is."""
+    from repq.quant.finetune import STALE_BN_RATIO, bn_statistics_mismatch, recalibrate_bn
+
+    torch.manual_seed(0)
+    images = torch.randn(32, 3, 32, 32) * 3 + 1
+    loader = [(images, torch.zeros(32, dtype=torch.long))]
+    untrained = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125), "bnest")
+    assert bn_statistics_mismatch(untrained, loader) > STALE_BN_RATIO
+    model = wrap_model(create_model("repvgg_a0", num_classes=10, cifar=True, width_mult=0.125), "bn")
+    recalibrate_bn(model, loader, 1)  # exact statistics of this batch
+    estimate = copy.deepcopy(model)
+    for block in estimate.modules():
+        if isinstance(block, RepQBlock):
+            block.mode = "bnest"
+    assert bn_statistics_mismatch(estimate, loader) == pytest.approx(1.0, rel=1e-3)
+    recalibrate_bn(estimate, loader, 1)  # what the estimate makes of the same batch: not the exact figure
+    ratios = [float(torch.median(a.running_var / b.running_var)) for (_, a), (_, b) in
+              zip(_bns(estimate), _bns(model), strict=True)]
+    assert max(max(r, 1 / r) for r in ratios) > 1.2
+
+
+def _bns(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+
 def test_a_finetune_state_resumes_only_the_same_plan(tmp_path):
     from repq.quant.finetune import finetune
 
