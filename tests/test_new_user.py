@@ -23,7 +23,8 @@ CAP = 4  # stages.train.max_steps_per_epoch: every training-like stage takes at 
 RUN = ["model.width_mult=0.125", "stages.train.epochs=1", f"stages.train.max_steps_per_epoch={CAP}",
        "stages.train.warmup_epochs=0", "stages.train.batch_size=32", "stages.substitute.epochs=1",
        "stages.ptq.sweep={method: [max]}", "stages.ptq.calib_size=32", "stages.ptq.batch_size=16",
-       "stages.repq.epochs=1", "stages.repq.batch_size=32", "stages.bench.batch_sizes=[1,2]",
+       "stages.repq.epochs=1", "stages.repq.batch_size=32", "stages.qat.enabled=true", "stages.qat.epochs=1",
+       "stages.qat.batch_size=32", "stages.qat.calibrator=max", "stages.bench.batch_sizes=[1,2]",
        "stages.bench.warmup=0", "stages.bench.iters=2"]
 # What ModelOpt and the libraries it imports print that says nothing to a repq user (the list).
 NOISE = ("Could not identify the device for TensorQuantizer", "No CUDA runtime is found", "torch.jit.script",
@@ -60,7 +61,7 @@ def test_every_long_step_of_a_run_prints_progress_lines_in_a_log(run):
     steps = rf"\d+/{CAP} steps \(\d+%\)"
     for pattern in (rf"^train repvgg_a0: {steps}, loss [\d.]+, .*ETA", rf"^train qarepvgg_a0: {steps}",
                     r"^calibrate \(max\): 1/2 batches \(50%\), .*ETA", r"^calibrate \(max\): 2/2 batches \(100%\)",
-                    rf"^finetune \w+: {steps}", r"^export: \d+/\d+ files \(\d+%\)",
+                    rf"^finetune \w+: {steps}", rf"^qat: {steps}", r"^export: \d+/\d+ files \(\d+%\)",
                     r"^engine: evaluate: \d+/\d+ files", r"^bench: \d+/\d+ files"):
         assert re.search(pattern, log, re.M), (pattern, log[-3000:])
 
@@ -75,7 +76,7 @@ def test_the_repq_stage_takes_the_train_stages_step_cap(run):
 
 
 def test_finetune_honours_its_step_cap():
-    torch = pytest.importorskip("torch")
+    import torch
     from torch.utils.data import DataLoader, TensorDataset
 
     from repq.quant.finetune import finetune, quantized_model
