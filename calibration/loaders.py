@@ -108,6 +108,26 @@ def calibration_loader(
     return DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=batch_size, shuffle=False)
 
 
+def calibration_check_loader(data: ImageData, num_calibration: int, num_images: int, batch_size: int = 64,
+                             seed: int = 0) -> DataLoader:
+    """``num_images`` training images disjoint from the calibration draw of ``num_calibration`` (the same seeded
+    permutation, the images after it): what judges calibrators against each other (method=auto), so the val
+    split a result is reported on is never read to choose it."""
+    if isinstance(data, SRData):
+        raise RepqError("method=auto judges calibrators by top-1 on held-out training images: choose a method "
+                        "for a super-resolution model (max, entropy, percentile or mse)")
+    if num_images < 1 or num_calibration + num_images > len(data.train):
+        raise RepqError(f"{num_calibration} calibration + {num_images} check images do not fit the "
+                        f"{len(data.train)} training images: calibrate on fewer images, or choose a method")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data.train), generator=generator)
+    positions = order[num_calibration:num_calibration + num_images].sort().values.numpy()
+    plain = ImageSet(data.train.source, data.train.indices, data.preset, train=False, seed=data.train.seed)
+    batches = [plain.__getitems__(chunk) for chunk in np.array_split(positions, -(-len(positions) // 256))]
+    images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    return DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=batch_size, shuffle=False)
+
+
 def val_subset(data: ImageData, num_images: int, batch_size: int = 256, seed: int = 0) -> DataLoader:
     """A seeded random draw of `num_images` validation images (eval transform), in a fixed order: a quicker
     score than the whole split, whose first images would be a few classes only (it runs class by class)."""

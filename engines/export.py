@@ -324,9 +324,11 @@ class QDQEditor:
         for tensor in dict.fromkeys(wanted):
             if tensor in known and tensor not in outputs:
                 dq_of[tensor] = self.qdq(tensor, known[tensor], unsigned=self._non_negative(tensor))
+        kept_in_float = {id(n) for n in self.graph.node if n.op_type in QUANTIZED_OPS} - {id(n) for n in nodes.values()}
         for tensor, dq in dq_of.items():  # every consumer reads the quantized tensor: ORT fuses around it
             for consumer, i in self.consumers[tensor]:
-                consumer.input[i] = dq
+                if id(consumer) not in kept_in_float:  # a layer kept in float (skip_layers) reads the float one
+                    consumer.input[i] = dq
         for name, node in nodes.items():
             spec = specs[name]
             if spec.weight_amax is None:

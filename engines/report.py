@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from repq.engines.doctor_report import doctor_sections, plot_doctor
 from repq.engines.timing import quality_key
 from repq.reparam.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -232,6 +233,11 @@ def _pyplot():
     return plt
 
 
+def _doctor_plot(doctor: dict | None) -> bytes | None:
+    fig = plot_doctor(doctor, _pyplot()) if doctor else None
+    return None if fig is None else _figure_png(fig)
+
+
 def plot_accuracy_latency(methods: list[dict]) -> bytes | None:
     key = quality_key(*methods)
     points = [r for r in methods if _number(r.get(key)) and _number(r.get("latency_ms"))]
@@ -340,6 +346,7 @@ def write_report(metrics: dict[str, Any], out_dir: str | Path, *, weights: dict 
         "accuracy_latency": ("Accuracy vs latency", plot_accuracy_latency(metrics.get("methods", []))),
         "weight_violins": ("Per-layer weights of the fused model", plot_weight_violins(weights or {})),
         "training_curves": ("Training curves", plot_curves(curves or {})),
+        "doctor": ("Doctor: fused max |w| and SQNR per layer", _doctor_plot(metrics.get("doctor"))),
     }
     plots = {k: v for k, v in plots.items() if v[1] is not None}
     paths = {}
@@ -396,7 +403,7 @@ def _sections(metrics: dict[str, Any]) -> list[tuple[str, str, list[str], list[l
         total = metrics.get("total_wall_s")
         sections.append(("Stages", f"Wall time of each stage when it ran (total {_fmt(total, 1)} s).",
                          header, rows))
-    return sections
+    return sections + doctor_sections(metrics.get("doctor"))
 
 
 def render_markdown(metrics: dict[str, Any], plots: dict, title: str) -> str:

@@ -30,14 +30,20 @@ bench  latency and throughput of ONNX files on the engines of the table
 eval  top-1/top-5 (or PSNR) of a checkpoint, ONNX file or engine on any folder
 report  render a run folder's report.md, report.html and metrics.json again
 models  list the model zoo, or check that a model fuses exactly
+import  turn an official RepVGG or timm repvgg/mobileone checkpoint into a repq checkpoint (exact)
+doctor  why a model loses accuracy in INT8: per-layer outliers and their branch, SQNR, engine divergence
 """.strip().splitlines())
+
+# Commands whose name is a Python keyword live in a module named otherwise.
+MODULES = {"import": "import_"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repq", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        sub.add_parser(name, help=help_text, description=help_text).set_defaults(_module=f"{_PKG}.{name}")
+        module = MODULES.get(name, name)
+        sub.add_parser(name, help=help_text, description=help_text).set_defaults(_module=f"{_PKG}.{module}")
     return parser
 
 

@@ -38,6 +38,9 @@ class ModelSpec(Strict):
         None, description="re-parametrize the model's convs with convert_convs(model, <block>), e.g. acb")
     width_mult: float | None = Field(None, gt=0, description="channel width multiplier (None: the model's)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments to create_model")
+    checkpoint: str | None = Field(
+        None, description="start from this checkpoint instead of FP training: a repq checkpoint, or an official "
+        "RepVGG / timm one (imported as `repq import` does); the stage key follows its sha256")
 
 
 class DataSpec(Strict):

@@ -109,12 +109,51 @@ def train_stage(ctx: StageContext):
     from repq.reparam.models import model_label
     from repq.training.train import train
 
+    if ctx.recipe.model.checkpoint:
+        return None if ctx.rank else checkpoint_stage(ctx)
     config = stage_config(ctx.recipe, "train")
     summary = train(config, _data(ctx), ctx.dir, resume=ctx.resume and (ctx.dir / "last.pt").exists(),
                     recipe=ctx.recipe.to_dict())
     label = model_label({"name": config.model, "transforms": [f"convert_convs:{config.convert}"]
                          if config.convert else []})
     return None if ctx.rank else _trained_result(summary, label)
+
+
+def checkpoint_stage(ctx: StageContext):
+    """The train stage of a recipe that starts from ``model.checkpoint``: no FP training; the checkpoint, imported
+    when it is foreign (`repq import`), checked against the data's classes and given its data record, is this
+    stage's output, scored in train and fused form like a trained one."""
+    import torch
+
+    from repq.calibration.datasets import ImageData, check_record_classes
+    from repq.pipeline.recipe import stage_config
+    from repq.reparam.importers import import_checkpoint
+    from repq.reparam.io import atomic_save
+    from repq.reparam.models import model_label
+    from repq.training.distributed import DistContext
+    from repq.training.evaluate import evaluate_with_deploy
+    from repq.training.train import load_model_checkpoint
+
+    source, data = ctx.recipe.model.checkpoint, _data(ctx)
+    if not isinstance(data, ImageData):
+        raise RepqError("model.checkpoint starts a classification recipe: use a classification data set, or train "
+                        "the super-resolution model (leave model.checkpoint out)")
+    ckpt = import_checkpoint(source, num_classes=data.num_classes, cifar=data.preset.image_size <= 64)
+    check_record_classes(data, ckpt.get("data"))  # a repq checkpoint names its classes: they must be the data's
+    ckpt.update(data=data.describe(), settings={**ckpt.get("settings", {}), "val_size": ctx.recipe.data.val_size,
+                                                  "split_seed": ctx.recipe.data.split_seed})
+    atomic_save(ckpt, ctx.path("best.pt"))
+    model, _ = load_model_checkpoint(ctx.dir / "best.pt")
+    device = stage_config(ctx.recipe, "train").device
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          "cpu" if device == "auto" else device)
+    metrics = evaluate_with_deploy(model.to(device), _val_loader(data), DistContext(0, 1, 0, device, False), False)
+    label = model_label(ckpt["arch"])
+    ctx.log(f"  {label} from {source}, no FP training: val top-1 {metrics['val_top1']:.2f}% (fused "
+            f"{metrics['deploy_val_top1']:.2f}%)")
+    return {"outputs": {"checkpoint": "best.pt"},
+            "metrics": {"label": label, "epochs": 0, "source": str(source), **metrics,
+                        "ladder": _float_ladder(f"{FLOAT_LABEL} {label}", metrics)}}
 
 
 def substitute_stage(ctx: StageContext):

@@ -119,6 +119,9 @@ def data_fingerprint(recipe: Recipe) -> dict[str, str]:
             prints[label] = f"digits:scikit-learn-{_version('scikit-learn')}"
         else:
             prints[label] = f"missing:{source}"  # the stage that reads it names the problem
+    checkpoint = recipe.model.checkpoint  # a run that starts from a checkpoint depends on its contents
+    if checkpoint and Path(checkpoint).expanduser().is_file():
+        prints["checkpoint"] = f"file:{sha256_file(Path(checkpoint).expanduser())}"
     return prints
 
 
@@ -501,7 +504,7 @@ def claim_run_dir(run_dir: Path, recipe: Recipe, reads: tuple[str | Path, ...] =
     if run_dir.is_dir():
         known |= {p.name for p in run_dir.iterdir() if is_leftover(p)}
     claim_folder(run_dir, "repq run", known=known, required=("recipe.yaml",),
-                 reads=(*reads, recipe.data.source, recipe.data.val_source))
+                 reads=(*reads, recipe.data.source, recipe.data.val_source, recipe.model.checkpoint))
 
 
 def _lead(recipe: Recipe, run_dir: Path, stages: list[Stage], from_stage: str | None, summary: RunSummary,

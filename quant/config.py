@@ -35,14 +35,21 @@ class Strict(BaseModel):
 class PTQConfig(Strict):
     """Post-training quantization with NVIDIA's toolkit (ModelOpt), symmetric INT8 as TensorRT runs it."""
 
-    method: Literal[tuple(CALIBRATORS)] = Field("max", description="activation calibrator: "
-                                                 + "; ".join(f"{c.name}: {c.description}" for c in
-                                                             CALIBRATORS.values()))
+    method: Literal[(*CALIBRATORS, "auto")] = Field("max", description="activation calibrator: "
+                                                    + "; ".join(f"{c.name}: {c.description}" for c in
+                                                                CALIBRATORS.values())
+                                                    + "; auto: the four, and keep the best on check_size held-out "
+                                                      "training images")
     percentile: Literal[PERCENTILES] = Field(99.99, description="the percentile calibrator's percentile")
     calib_size: int = Field(512, ge=1, description="calibration images drawn from the training split")
     batch_size: int = Field(64, ge=1, description="calibration batch")
     fuse: bool = Field(True, description="quantize the deploy form (blocks fused); false: the training form")
     skip_layers: list[str] = Field(default_factory=list, description="Conv/Linear names kept in float")
+    check_size: int = Field(256, ge=1, description="method=auto: training images, disjoint from the calibration "
+                                                   "draw, that judge the calibrators (the val split is never read)")
+    budget: float | None = Field(None, ge=0, description="largest drop (top-1 points, or PSNR dB) of the ONNX "
+                                 "Runtime INT8 engine from FP32 on the val split: the layers that hurt most are "
+                                 "kept in float, fewest first, until it holds (none: quantize every layer)")
     seed: int = Field(0, description="seed of the calibration draw")
     progress: bool = True
 

@@ -213,17 +213,38 @@ def ptq_checkpoint(checkpoint: str | Path, data, config, out: str | Path, *, mod
     loaded, ckpt = load_model_checkpoint(checkpoint) if model is None else (model, {})
     data = resolve_data(data, ckpt) if model is None else data
     calib = calibration_loader(data, min(config.calib_size, len(data.train)), config.batch_size, config.seed)
-    quantized = quantize(loaded.eval(), calib, config.method, config.percentile, fuse=config.fuse,
-                         skip_layers=config.skip_layers)
-    save_quantized(quantized, out, {"data": data.describe(), "source": str(checkpoint),
-                                    "config": config.model_dump(mode="json")})
+    extra = {"data": data.describe(), "source": str(checkpoint), "config": config.model_dump(mode="json")}
+    if config.method == "auto":
+        from repq.calibration.loaders import calibration_check_loader
+        from repq.quant.auto_calibrator import choose_calibrator
+
+        drawn = min(config.calib_size, len(data.train))
+        check = calibration_check_loader(data, drawn, min(config.check_size, len(data.train) - drawn),
+                                         config.batch_size, config.seed)
+        quantized, extra["auto"] = choose_calibrator(loaded.eval(), calib, check, percentile=config.percentile,
+                                                     fuse=config.fuse, skip_layers=config.skip_layers, log=log)
+    else:
+        quantized = quantize(loaded.eval(), calib, config.method, config.percentile, fuse=config.fuse,
+                             skip_layers=config.skip_layers)
     _, val = build_loaders(data, min(64, len(data.train)), eval_batch_size=256)
+    if config.budget is not None:
+        from repq.calibration.sr import SRData
+        from repq.quant.fallback import fallback_search
+
+        quantized, extra["fallback"] = fallback_search(
+            quantized, deploy_copy(loaded.eval(), config.fuse), calib, val, config.budget,
+            (1, *data.input_shape[1:]), metric="psnr" if isinstance(data, SRData) else "top1", log=log)
+    save_quantized(quantized, out, extra)
     accuracy = evaluate(quantized, val, progress=config.progress if hasattr(config, "progress") else False,
                         desc=f"ptq {config.method}: evaluate")
     accuracy.pop("count", None)
-    log(f"{len(quantized_layers(quantized))} layers quantized ({config.method}); fake-quant val "
+    method = f"auto: {extra['auto']['method']}" if "auto" in extra else config.method
+    kept = extra.get("fallback", {}).get("float_layers", [])
+    log(f"{len(quantized_layers(quantized)) - len(kept)} layers quantized ({method})"
+        + (f", {len(kept)} kept in float ({', '.join(kept)})" if kept else "") + "; fake-quant val "
         + (f"PSNR {accuracy['psnr']:.2f} dB" if "psnr" in accuracy else f"top-1 {accuracy['top1']:.2f}%"))
-    return {"fakequant": accuracy, "file": str(out)}
+    fallback = {"fallback": extra["fallback"]} if "fallback" in extra else {}
+    return {"fakequant": accuracy, "file": str(out), **fallback}
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

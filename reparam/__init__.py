@@ -10,6 +10,7 @@ from repq.reparam.blocks import (
     ACBlock,
     DBBlock,
     ECBlock,
+    MobileOneBlock,
     OREPABlock,
     PlainBlock,
     QARepVGGBlock,
@@ -19,7 +20,7 @@ from repq.reparam.convert import convert_convs, fuse_model, substitute_qarepvgg
 from repq.reparam.models import create_model, custom_l2, is_super_resolution, list_models, model_doc, model_from_arch
 
 __all__ = [
-    "BLOCKS", "ACBlock", "BNTap", "DBBlock", "ECBlock", "OREPABlock", "PlainBlock", "QARepVGGBlock", "RepVGGBlock",
-    "ReparamBlock", "RepqError", "convert_convs", "create_model", "custom_l2", "fuse_model", "is_super_resolution",
-    "list_models", "model_doc", "model_from_arch", "substitute_qarepvgg",
+    "BLOCKS", "ACBlock", "BNTap", "DBBlock", "ECBlock", "MobileOneBlock", "OREPABlock", "PlainBlock", "QARepVGGBlock",
+    "RepVGGBlock", "ReparamBlock", "RepqError", "convert_convs", "create_model", "custom_l2", "fuse_model",
+    "is_super_resolution", "list_models", "model_doc", "model_from_arch", "substitute_qarepvgg",
 ]

@@ -4,7 +4,7 @@ A block subclass implements three things:
 - ``_build_branches()``: the training-form modules;
 - ``_train_forward(x)``: the multi-branch forward;
 - ``merged_kernel(bn_stats=None)``: the deploy conv's (weight, bias) as a differentiable function of the
-  block's parameters;
+  block's parameters, or ``branch_kernels(bn_stats=None)``: each branch's share of it (merged_kernel sums them);
 and, if it has BatchNorms, ``bn_taps()``: for each BN, the conv of the block input that feeds it.
 """
 
@@ -79,7 +79,18 @@ class ReparamBlock(nn.Module):
         return {"stride": self.stride, "padding": self.padding, "groups": self.groups}
 
     def merged_kernel(self, bn_stats: BNStats | None = None) -> Kernel:
-        raise NotImplementedError
+        """The deploy conv's (weight, bias): by default the sum of ``branch_kernels``."""
+        if type(self).branch_kernels is ReparamBlock.branch_kernels:
+            raise NotImplementedError(f"{type(self).__name__} defines neither merged_kernel nor branch_kernels")
+        return sum_kernels(self.branch_kernels(bn_stats).values())
+
+    def branch_kernels(self, bn_stats: BNStats | None = None) -> dict[str, Kernel]:
+        """Each branch's share of the deploy conv, by branch name; the shares sum to ``merged_kernel()``. What
+        tells which branch made a fused-kernel outlier (repq doctor). A block that only defines
+        ``merged_kernel()`` is one share, ``merged``."""
+        if type(self).merged_kernel is ReparamBlock.merged_kernel:
+            raise NotImplementedError(f"{type(self).__name__} defines neither merged_kernel nor branch_kernels")
+        return {"merged": self.merged_kernel(bn_stats)}
 
     def bn_taps(self) -> dict[str, BNTap]:
         return {}
@@ -194,6 +205,19 @@ def silence_bn(bn: nn.BatchNorm2d) -> None:
     with torch.no_grad():
         bn.weight.zero_()
         bn.bias.zero_()
+
+
+def sum_kernels(kernels) -> Kernel:
+    """The sum of (weight, bias) pairs, in order (a bias may be None: no bias)."""
+    weight, bias = None, None
+    for w, b in kernels:
+        weight = w if weight is None else weight + w
+        if b is not None:
+            bias = b if bias is None else bias + b
+    if weight is None:
+        raise ValueError("sum_kernels needs at least one kernel")
+    return weight, bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype,
+                                                             device=weight.device)
 
 
 def stats_for(bn_stats: BNStats | None, name: str) -> tuple[Tensor, Tensor] | None:

@@ -21,6 +21,7 @@ from repq.reparam.kernels import (
     identity_kernel,
     pad_to,
 )
+from repq.reparam.mobileone import MobileOneBlock
 
 
 def pad_with(x: Tensor, value: Tensor, pad: int) -> Tensor:
@@ -59,8 +60,8 @@ class PlainBlock(ReparamBlock):
     def bn_taps(self) -> dict[str, BNTap]:
         return {"conv_bn": self.conv_bn.tap()}
 
-    def merged_kernel(self, bn_stats: BNStats | None = None) -> Kernel:
-        return self.conv_bn.folded(bn_stats, "conv_bn")
+    def branch_kernels(self, bn_stats: BNStats | None = None) -> dict[str, Kernel]:
+        return {"conv_bn": self.conv_bn.folded(bn_stats, "conv_bn")}
 
 
 class RepVGGBlock(ReparamBlock):
@@ -88,15 +89,14 @@ class RepVGGBlock(ReparamBlock):
             taps["rbr_identity"] = _identity_tap(self.rbr_identity, self.out_channels, self.groups)
         return taps
 
-    def merged_kernel(self, bn_stats: BNStats | None = None) -> Kernel:
+    def branch_kernels(self, bn_stats: BNStats | None = None) -> dict[str, Kernel]:
         w3, b3 = self.rbr_dense.folded(bn_stats, "rbr_dense")
         w1, b1 = self.rbr_1x1.folded(bn_stats, "rbr_1x1")
-        weight, bias = w3 + pad_to(w1, self.kernel_hw), b3 + b1
+        pieces = {"rbr_dense": (w3, b3), "rbr_1x1": (pad_to(w1, self.kernel_hw), b1)}
         if self.rbr_identity is not None:
             ident = identity_kernel(self.out_channels, self.groups, self.kernel_hw, like=w3)
-            wi, bi = bn_fold(ident, None, self.rbr_identity, stats_for(bn_stats, "rbr_identity"))
-            weight, bias = weight + wi, bias + bi
-        return weight, bias
+            pieces["rbr_identity"] = bn_fold(ident, None, self.rbr_identity, stats_for(bn_stats, "rbr_identity"))
+        return pieces
 
     def custom_l2(self) -> Tensor:
         """RepVGG's L2 on the merged kernel: plain L2 on the kxk ring, and on the centre the L2 of the
@@ -113,6 +113,18 @@ class RepVGGBlock(ReparamBlock):
 
 def _bn_scale(bn: nn.BatchNorm2d) -> Tensor:
     return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+
+def _fold_shares(pre_bn: dict[str, tuple[Tensor, Tensor | None]], bn: nn.BatchNorm2d,
+                 stats: tuple[Tensor, Tensor] | None) -> dict[str, Kernel]:
+    """The shares of branches summed before one BN: each scaled by the BN, and the BN's shift as ``bn_shift``."""
+    zero = torch.zeros_like(next(iter(pre_bn.values()))[0])
+    scale_only, shift = bn_fold(zero, None, bn, stats)
+    scale = bn_fold(torch.ones_like(shift).reshape(-1, 1, 1, 1), None, bn, stats)[0].reshape(-1)
+    shares = {name: (weight * scale.reshape(-1, 1, 1, 1), torch.zeros_like(shift) if bias is None else bias * scale)
+              for name, (weight, bias) in pre_bn.items()}
+    shares["bn_shift"] = (scale_only, shift)
+    return shares
 
 
 class QARepVGGBlock(ReparamBlock):
@@ -144,6 +156,15 @@ class QARepVGGBlock(ReparamBlock):
         weight, bias = self._pre_bn_kernel(bn_stats)
         return bn_fold(weight, bias, self.post_bn, stats_for(bn_stats, "post_bn"))
 
+    def branch_kernels(self, bn_stats: BNStats | None = None) -> dict[str, Kernel]:
+        """Each branch scaled by the post-BN (equal to merged_kernel up to float rounding); its shift is
+        ``post_bn``."""
+        w3, b3 = self.rbr_dense.folded(bn_stats, "rbr_dense")
+        pre = {"rbr_dense": (w3, b3), "rbr_1x1": (pad_to(self.rbr_1x1.weight, self.kernel_hw), None)}
+        if self.has_identity:
+            pre["identity"] = (identity_kernel(self.out_channels, self.groups, self.kernel_hw, like=w3), None)
+        return _fold_shares(pre, self.post_bn, stats_for(bn_stats, "post_bn"))
+
 
 class ACBlock(ReparamBlock):
     """ACNet's asymmetric convolution block: kxk, 1xk and kx1 convs, each with BN."""
@@ -166,12 +187,12 @@ class ACBlock(ReparamBlock):
     def bn_taps(self) -> dict[str, BNTap]:
         return {"square": self.square.tap(), "hor": self.hor.tap(), "ver": self.ver.tap()}
 
-    def merged_kernel(self, bn_stats: BNStats | None = None) -> Kernel:
-        weight, bias = 0, 0
+    def branch_kernels(self, bn_stats: BNStats | None = None) -> dict[str, Kernel]:
+        pieces = {}
         for name in ("square", "hor", "ver"):
             w, b = getattr(self, name).folded(bn_stats, name)
-            weight, bias = weight + pad_to(w, self.kernel_hw), bias + b
-        return weight, bias
+            pieces[name] = (pad_to(w, self.kernel_hw), b)
+        return pieces
 
 
 class BNAndPad(nn.Module):
@@ -196,12 +217,17 @@ class BNAndPad(nn.Module):
 
 
 class IdentityBased1x1(nn.Conv2d):
-    """A 1x1 conv parametrised as identity + W (DBB/OREPA), so the branch starts as a pass-through."""
+    """A 1x1 conv parametrised as identity + W (DBB/OREPA), so the branch starts as a pass-through. With more
+    outputs than inputs (OREPA's doubled width at groups > 4) output i copies input i modulo the group's width."""
 
-    def __init__(self, channels: int, groups: int):
-        super().__init__(channels, channels, 1, groups=groups, bias=False)
+    def __init__(self, channels: int, groups: int, out_channels: int | None = None):
+        out_channels = out_channels or channels
+        super().__init__(channels, out_channels, 1, groups=groups, bias=False)
         nn.init.zeros_(self.weight)
-        self.register_buffer("eye", identity_kernel(channels, groups, like=self.weight.detach()), persistent=False)
+        eye = torch.zeros_like(self.weight.detach())
+        rows = torch.arange(out_channels)
+        eye[rows, rows % (channels // groups)] = 1.0
+        self.register_buffer("eye", eye, persistent=False)
 
     def effective_weight(self) -> Tensor:
         return self.weight + self.eye
@@ -275,34 +301,57 @@ class DBBlock(ReparamBlock):
         taps["kk_bn"] = BNTap(self.kk_bn, self._kk_input, s, p, g)
         return taps
 
-    def merged_kernel(self, bn_stats: BNStats | None = None) -> Kernel:
-        weight, bias = self.origin.folded(bn_stats, "origin")
-        branches = [bn_fold(*self._avg_input(bn_stats), self.avg_bn, stats_for(bn_stats, "avg_bn")),
-                    bn_fold(*self._kk_input(bn_stats), self.kk_bn, stats_for(bn_stats, "kk_bn"))]
+    def branch_kernels(self, bn_stats: BNStats | None = None) -> dict[str, Kernel]:
+        pieces = {"origin": self.origin.folded(bn_stats, "origin"),
+                  "avg": bn_fold(*self._avg_input(bn_stats), self.avg_bn, stats_for(bn_stats, "avg_bn")),
+                  "kk": bn_fold(*self._kk_input(bn_stats), self.kk_bn, stats_for(bn_stats, "kk_bn"))}
         if not self.depthwise:
             w1, b1 = self.one.folded(bn_stats, "one")
-            branches.append((pad_to(w1, self.kernel_hw), b1))
-        for w, b in branches:
-            weight, bias = weight + w, bias + b
-        return weight, bias
+            pieces["one"] = (pad_to(w1, self.kernel_hw), b1)
+        return pieces
 
 
 class OREPABlock(ReparamBlock):
-    """Online re-parametrization: linearly scaled branches (kxk, 1x1, 1x1-avg, 1x1-kxk) merged into one kernel
-    during training too, followed by one BN."""
+    """Online re-parametrization (Hu et al., CVPR 2022) with the authors' six branches, each scaled per output
+    channel and merged into one kernel during training too, then one BN: kxk; 1x1; 1x1 then kxk average; 1x1 then
+    a fixed frequency prior per output channel; identity-based 1x1 then kxk (twice the input width at groups > 4);
+    depthwise kxk (8 per input channel) then 1x1, the depthwise-separable branch.
 
-    BRANCHES = ("origin", "one", "avg", "one_kxk")
+    The authors' names (JUGGHM/OREPA_CVPR2022, blocks.py, class OREPA) are ``AUTHORS_NAMES``' keys; their
+    ``vector`` row i is ``branch_scale`` row ``AUTHORS_VECTOR_ROWS[i]``. The prior is a saved buffer, so their
+    checkpoints bring their own. Initialisation differs from the authors' on purpose: the origin scale starts at 1
+    and every other at 0.25 (theirs starts the prior at 0), so every branch weight learns from the first step.
+    """
+
+    BRANCHES = ("origin", "one", "avg", "one_kxk", "prior", "dws")
+    AUTHORS_VECTOR_ROWS = (0, 2, 4, 3, 1, 5)  # their rows: origin, avg, prior, 1x1_kxk, 1x1, dws
+    AUTHORS_NAMES = {
+        "weight_orepa_origin": "weight_origin", "weight_orepa_1x1": "weight_one",
+        "weight_orepa_avg_conv": "weight_avg", "weight_orepa_pfir_conv": "weight_prior_conv",
+        "weight_orepa_prior": "prior", "weight_orepa_1x1_kxk_idconv1": "one_kxk_first.weight",
+        "weight_orepa_1x1_kxk_conv2": "weight_one_kxk", "weight_orepa_gconv_dw": "weight_dws_dw",
+        "weight_orepa_gconv_pw": "weight_dws_pw", "vector": "branch_scale",
+    }  # and bn.* as is; their id_tensor and weight_orepa_avg_avg are constants repq rebuilds
+    DWS_EXPANSION = 8
 
     def _build_branches(self) -> None:
         c_in, c_out, k, g = self.in_channels, self.out_channels, self.kernel_size, self.groups
         per_group = c_in // g
+        internal = c_in if g <= 4 else 2 * c_in  # the authors' width of the 1x1-kxk branch
+        expanded = self.DWS_EXPANSION * c_in
         self.weight_origin = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(c_out, per_group, k, k), a=5 ** 0.5))
         self.weight_one = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(c_out, per_group, 1, 1), a=1.0))
         self.weight_avg = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(c_out, per_group, 1, 1), a=1.0))
-        self.one_kxk_first = IdentityBased1x1(c_in, g)
-        self.weight_one_kxk = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(c_out, per_group, k, k), a=5 ** 0.5))
+        self.one_kxk_first = IdentityBased1x1(c_in, g, internal)
+        self.weight_one_kxk = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(c_out, internal // g, k, k),
+                                                                    a=5 ** 0.5))
+        self.weight_prior_conv = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(c_out, per_group, 1, 1), a=1.0))
+        self.register_buffer("prior", frequency_prior(c_out, k))
+        self.weight_dws_dw = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(expanded, 1, k, k), a=5 ** 0.5))
+        self.weight_dws_pw = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(c_out, expanded // g, 1, 1), a=1.0))
         # Branch scales: the origin starts at 1, the others small but non-zero so every branch learns.
-        self.branch_scale = nn.Parameter(torch.tensor([1.0, 0.25, 0.25, 0.25]).repeat(c_out, 1).T.contiguous())
+        start = torch.tensor([1.0] + [0.25] * (len(self.BRANCHES) - 1))
+        self.branch_scale = nn.Parameter(start.repeat(c_out, 1).T.contiguous())
         self.bn = nn.BatchNorm2d(c_out)
 
     def load_conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -312,14 +361,30 @@ class OREPABlock(ReparamBlock):
             self.branch_scale[0] = 1.0
         copy_bn(self.bn, bn, conv.bias)
 
-    def _pre_bn_kernel(self, bn_stats=None) -> Kernel:
+    def _dws_kernel(self) -> Tensor:
+        """Depthwise kxk then 1x1 as one kernel. The 1x1 rows are read in the authors' order (row a*groups + c
+        feeds output a of group c), so their weights load as they are; at groups=1 that is the plain order."""
+        g, hw = self.groups, self.kernel_hw
+        in_per_group, out_per_group = self.in_channels // g, self.out_channels // g
+        dw = self.weight_dws_dw.reshape(g, in_per_group, self.DWS_EXPANSION, *hw)
+        pw = self.weight_dws_pw.reshape(out_per_group, g, in_per_group, self.DWS_EXPANSION)
+        return torch.einsum("cjthw,acjt->cajhw", dw, pw).reshape(self.out_channels, in_per_group, *hw)
+
+    def _scaled_branches(self) -> dict[str, Tensor]:
+        """Each branch's kernel times its scale, before the BN, by name (BRANCHES order)."""
         hw = self.kernel_hw
         one_kxk, _ = compose((self.one_kxk_first.effective_weight(), None), (self.weight_one_kxk, None), self.groups)
-        avg = self.weight_avg.expand(-1, -1, *hw) / (hw[0] * hw[1])
-        kernels = (self.weight_origin, pad_to(self.weight_one, hw), avg, one_kxk)
-        scaled = zip(self.branch_scale, kernels, strict=True)
-        weight = sum(scale.reshape(-1, 1, 1, 1) * kernel for scale, kernel in scaled)
-        return weight, None
+        kernels = {"origin": self.weight_origin,
+                   "one": pad_to(self.weight_one, hw),
+                   "avg": self.weight_avg.expand(-1, -1, *hw) / (hw[0] * hw[1]),
+                   "one_kxk": one_kxk,
+                   "prior": self.weight_prior_conv * self.prior.unsqueeze(1),
+                   "dws": self._dws_kernel()}
+        return {name: scale.reshape(-1, 1, 1, 1) * kernels[name]
+                for name, scale in zip(self.BRANCHES, self.branch_scale, strict=True)}
+
+    def _pre_bn_kernel(self, bn_stats=None) -> Kernel:
+        return sum(self._scaled_branches().values()), None
 
     def _train_forward(self, x: Tensor) -> Tensor:
         weight, _ = self._pre_bn_kernel()
@@ -330,6 +395,25 @@ class OREPABlock(ReparamBlock):
 
     def merged_kernel(self, bn_stats: BNStats | None = None) -> Kernel:
         return bn_fold(*self._pre_bn_kernel(), self.bn, stats_for(bn_stats, "bn"))
+
+    def branch_kernels(self, bn_stats: BNStats | None = None) -> dict[str, Kernel]:
+        """Each scaled branch through the BN (equal to merged_kernel up to float rounding); its shift is ``bn``."""
+        pre = {name: (kernel, None) for name, kernel in self._scaled_branches().items()}
+        return _fold_shares(pre, self.bn, stats_for(bn_stats, "bn"))
+
+
+def frequency_prior(channels: int, kernel_size: int) -> Tensor:
+    """OREPA's prior kernels: a DCT-like cosine per output channel, along the rows for the first half of the
+    channels and along the columns for the rest (the authors' formula, which they wrote for 3x3)."""
+    k, half = kernel_size, channels / 2
+    pos = torch.arange(k, dtype=torch.float64) + 0.5
+    prior = torch.empty(channels, k, k, dtype=torch.float64)
+    for i in range(channels):
+        if i < half:
+            prior[i] = torch.cos(torch.pi * pos * (i + 1) / k).reshape(k, 1).expand(k, k)
+        else:
+            prior[i] = torch.cos(torch.pi * pos * (i + 1 - half) / k).reshape(1, k).expand(k, k)
+    return prior.to(torch.get_default_dtype())
 
 
 def _edge_masks(like: Tensor) -> dict[str, Tensor]:
@@ -377,18 +461,16 @@ class ECBlock(ReparamBlock):
             out = out + F.conv2d(inner, weight, bias, groups=self.out_channels)
         return out + x if self.with_identity else out
 
-    def merged_kernel(self, bn_stats: BNStats | None = None) -> Kernel:
-        weight, bias = self.conv3x3.weight, self.conv3x3.bias
-        w, b = compose((self.expand_1x1.weight, self.expand_1x1.bias),
-                       (self.expand_3x3.weight, self.expand_3x3.bias), 1)
-        weight, bias = weight + w, bias + b
+    def branch_kernels(self, bn_stats: BNStats | None = None) -> dict[str, Kernel]:
+        pieces = {"conv3x3": (self.conv3x3.weight, self.conv3x3.bias),
+                  "expand": compose((self.expand_1x1.weight, self.expand_1x1.bias),
+                                    (self.expand_3x3.weight, self.expand_3x3.bias), 1)}
         for name in ("sbx", "sby", "lpl"):
             conv1x1 = getattr(self, f"{name}_1x1")
-            w, b = compose_depthwise((conv1x1.weight, None), self._edge_depthwise(name))
-            weight, bias = weight + w, bias + b
+            pieces[name] = compose_depthwise((conv1x1.weight, None), self._edge_depthwise(name))
         if self.with_identity:
-            weight = weight + identity_kernel(self.out_channels, 1, (3, 3), like=weight)
-        return weight, bias
+            pieces["identity"] = (identity_kernel(self.out_channels, 1, (3, 3), like=self.conv3x3.weight), None)
+        return pieces
 
 
 BLOCKS: dict[str, type[ReparamBlock]] = {
@@ -399,4 +481,5 @@ BLOCKS: dict[str, type[ReparamBlock]] = {
     "dbb": DBBlock,
     "orepa": OREPABlock,
     "ecb": ECBlock,
+    "mobileone": MobileOneBlock,
 }

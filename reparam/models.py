@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from repq.errors import RepqError
 from repq.reparam.blocks import ECBlock, PlainBlock, QARepVGGBlock, RepVGGBlock
 from repq.reparam.convert import convert_convs, substitute_qarepvgg
+from repq.reparam.mobileone import MOBILEONE_CONFIGS, MobileOneNet
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,13 @@ class ECBSR(nn.Module):
         if scale not in (2, 3, 4):
             raise RepqError(f"ECBSR scale must be 2, 3 or 4, got {scale}")
         self.scale, self.colors = scale, colors
-        body: list[nn.Module] = [ECBlock(colors, channels, deploy=deploy), nn.PReLU(channels)]
+        # with_identity on every block, as the authors' with_idt: it applies wherever in == out channels (the last
+        # block too when channels == colors * scale^2, m4c4 x2).
+        body: list[nn.Module] = [ECBlock(colors, channels, with_identity=with_identity, deploy=deploy),
+                                 nn.PReLU(channels)]
         for _ in range(num_blocks):
             body += [ECBlock(channels, channels, with_identity=with_identity, deploy=deploy), nn.PReLU(channels)]
-        body.append(ECBlock(channels, colors * scale * scale, deploy=deploy))
+        body.append(ECBlock(channels, colors * scale * scale, with_identity=with_identity, deploy=deploy))
         self.body = nn.Sequential(*body)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -125,6 +129,15 @@ def _repvgg_factory(variant: str, block: type) -> Callable[..., nn.Module]:
     return factory
 
 
+def _mobileone_factory(variant: str) -> Callable[..., nn.Module]:
+    def factory(num_classes: int = 1000, cifar: bool = False, width_mult: float = 1.0, in_chans: int = 3,
+                deploy: bool = False) -> nn.Module:
+        return MobileOneNet(MOBILEONE_CONFIGS[variant], num_classes, cifar, width_mult, in_chans, deploy)
+
+    factory.__doc__ = f"MobileOne-{variant.upper()} (Vasu et al., CVPR 2023), laid out as timm's mobileone_{variant}."
+    return factory
+
+
 def _converted_resnet18(block: str) -> Callable[..., nn.Module]:
     def factory(num_classes: int = 1000, cifar: bool = False, deploy: bool = False) -> nn.Module:
         return convert_convs(_resnet18(num_classes, cifar), block, deploy=deploy)
@@ -147,6 +160,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     **{f"repvgg_{v}": _repvgg_factory(v, RepVGGBlock) for v in REPVGG_CONFIGS},
     **{f"qarepvgg_{v}": _repvgg_factory(v, QARepVGGBlock) for v in REPVGG_CONFIGS},
     **{f"plain_{v}": _repvgg_factory(v, PlainBlock) for v in REPVGG_CONFIGS},
+    **{f"mobileone_{v}": _mobileone_factory(v) for v in MOBILEONE_CONFIGS},
     "resnet18": _plain_resnet18,
     **{f"resnet18_{b}": _converted_resnet18(b) for b in ("acb", "dbb", "orepa", "repvgg")},
     "ecbsr_m4c8": _ecbsr_m4c8,

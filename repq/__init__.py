@@ -3,6 +3,8 @@
 The public API, one call per operation (imported on first use, so `import repq` stays light)::
 
     model = repq.convert_convs(torchvision.models.resnet18(num_classes=10), "acb")   # or repq.create_model(...)
+    repq.adapt(detector)                              # a user's net: its RepVGG/QARepVGG blocks become repq's
+    repq.import_checkpoint("RepVGG-A0-train.pth", "a0.pt")      # official/timm checkpoints -> a repq checkpoint
     quantized = repq.ptq(model, calib_loader, method="entropy")                       # NVIDIA's toolkit, INT8
     q = repq.repq_wrap(model, method="bnest_corrected", w_bits=8, a_bits=8)          # RepQ through merged kernels
     repq.finetune(q, train_loader, epochs=1, lr=0.01)
@@ -25,6 +27,8 @@ _API: dict[str, tuple[str, str]] = {
     "fuse_model": ("repq.reparam.convert", "fuse_model"),
     "convert_convs": ("repq.reparam.convert", "convert_convs"),
     "substitute_qarepvgg": ("repq.reparam.convert", "substitute_qarepvgg"),
+    "adapt": ("repq.reparam.adapt", "adapt"),
+    "import_checkpoint": ("repq.reparam.importers", "import_checkpoint"),
     # training
     "train": ("repq.training.train", "train"),
     "TrainConfig": ("repq.training.config", "TrainConfig"),
@@ -36,6 +40,7 @@ _API: dict[str, tuple[str, str]] = {
     "repq_wrap": ("repq.quant.finetune", "quantized_model"),
     "finetune": ("repq.quant.finetune", "finetune"),
     "FinetuneConfig": ("repq.quant.config", "FinetuneConfig"),
+    "diagnose": ("repq.quant.doctor", "diagnose"),
     # files
     "load": ("repq.quant.artifacts", "load_artifact"),
     # engines

@@ -22,7 +22,7 @@ from repq.reparam import (
 def small(name):
     if name == "ecbsr_m4c8":
         return create_model(name, scale=2), (2, 1, 12, 12)
-    if name.startswith(("repvgg", "qarepvgg")):
+    if name.startswith(("repvgg", "qarepvgg", "mobileone")):
         return create_model(name, num_classes=10, cifar=True, width_mult=0.125), (2, 3, 32, 32)
     return create_model(name, num_classes=10), (2, 3, 32, 32)  # ImageNet stem: 1x1 at the end, cheap
 

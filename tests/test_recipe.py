@@ -54,7 +54,7 @@ def test_unknown_key_gets_one_line_with_path_suggestion_and_allowed_keys(tmp_pat
     assert "allowed here:" in by_key["stages.train.epoch"] and "weight_decay" in by_key["stages.train.epoch"]
     assert "greater than 0" in by_key["stages.train.lr"] and "(got -1)" in by_key["stages.train.lr"]
     assert "the run {'method': 'hist'} of the sweep has a bad method" in by_key["stages.ptq"]
-    assert "'max', 'entropy', 'percentile' or 'mse'" in by_key["stages.ptq"]
+    assert "'max', 'entropy', 'percentile', 'mse' or 'auto'" in by_key["stages.ptq"]
     assert "did you mean 'model'?" in by_key["modle"]
     assert all(line.startswith(str(bad)) for line in lines)
 

@@ -38,7 +38,7 @@ def _block(kind: str, stride: int = 1, groups: int = 1) -> nn.Module:
 
 
 BLOCK_CASES = [("repvgg", 1, 1), ("repvgg", 2, 2), ("qarepvgg", 1, 1), ("acb", 2, 1), ("dbb", 1, 2),
-               ("orepa", 1, 1), ("ecb", 1, 1)]
+               ("orepa", 1, 1), ("ecb", 1, 1), ("mobileone", 1, 4)]
 
 
 def _hand_quant(t: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -637,11 +637,11 @@ def test_the_stale_bn_check_measures_exact_statistics_not_bnests_estimate():
     assert bn_statistics_mismatch(estimate, loader) == pytest.approx(1.0, rel=1e-3)
     recalibrate_bn(estimate, loader, 1)  # what the estimate makes of the same batch: not the exact figure
     ratios = [float(torch.median(a.running_var / b.running_var)) for (_, a), (_, b) in
-              zip(_bns(estimate), _bns(model), strict=True)]
+              zip(_named_bns(estimate), _named_bns(model), strict=True)]
     assert max(max(r, 1 / r) for r in ratios) > 1.2
 
 
-def _bns(model):
+def _named_bns(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
 
 

@@ -1,0 +1,119 @@
+"""Which layers to keep in float so INT8 stays within an accuracy budget, measured on the ONNX Runtime engine.
+
+Layers are ranked by the error each causes in the model's output when it alone is quantized (the calibration
+images, a forward pass per layer); the search then keeps the 0, 1, 2, ... most harmful layers in float until the
+ORT engine's drop from FP32 on the validation split is within the budget: greedy on the ranking, one export
+and one evaluation per candidate (k + 2 evaluations for k float layers, FP32 included), capped.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from repq.errors import RepqError
+
+
+def _layer_quantizers(quantized: nn.Module) -> dict[str, list]:
+    return {n: [q for q in (getattr(m, "input_quantizer", None), getattr(m, "weight_quantizer", None))
+                if q is not None and q.is_enabled]
+            for n, m in quantized.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and hasattr(m, "weight_quantizer")}
+
+
+def keep_in_float(quantized: nn.Module, layers: Iterable[str]) -> nn.Module:
+    """A copy of the fake-quant model with ``layers``' input and weight quantizers off (the others keep the
+    ranges they were calibrated with, which the float layers do not change: calibration sees FP32 inputs)."""
+    kept = copy.deepcopy(quantized)
+    quantizers = _layer_quantizers(kept)
+    layers = list(layers)
+    for name in layers:
+        if name not in quantizers:
+            raise RepqError(f"{name!r} is no quantized layer of this model: use a name from quantized_layers()")
+        for quantizer in quantizers[name]:
+            quantizer.disable()
+    record = dict(getattr(quantized, "repq_quant", {}))
+    record["skip_layers"] = sorted(set(record.get("skip_layers", [])) | set(layers))
+    kept.repq_quant = record
+    return kept
+
+
+def _outputs(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(images) for images in batches]
+
+
+def rank_layers(quantized: nn.Module, float_model: nn.Module, loader: Iterable, num_batches: int = 4
+                ) -> list[tuple[str, float]]:
+    """(layer, relative output error ||y_q - y|| / ||y||) with only that layer quantized, most harmful first;
+    ``float_model`` is the deploy form ``quantized`` was made from."""
+    batches = []
+    for i, batch in enumerate(loader):
+        if i >= num_batches:
+            break
+        batches.append(batch[0] if isinstance(batch, (list, tuple)) else batch)
+    if not batches:
+        raise RepqError("the ranking needs at least one calibration batch: give the loader some images")
+    reference = _outputs(float_model.eval(), batches)
+    work = copy.deepcopy(quantized).eval()
+    quantizers = _layer_quantizers(work)
+    for qs in quantizers.values():
+        for q in qs:
+            q.disable()
+    errors = []
+    for name, qs in quantizers.items():
+        for q in qs:
+            q.enable()
+        outputs = _outputs(work, batches)
+        for q in qs:
+            q.disable()
+        noise = sum(float((o - r).double().pow(2).sum()) for o, r in zip(outputs, reference, strict=True))
+        signal = sum(float(r.double().pow(2).sum()) for r in reference)
+        errors.append((name, (noise / max(signal, 1e-30)) ** 0.5))
+    return sorted(errors, key=lambda item: -item[1])
+
+
+def engine_score(model: nn.Module, val_loader, input_shape, metric: str) -> float:
+    """``metric`` of ``model`` (fake-quant: its ORT-placement QDQ file; float: its FP32 file) in ONNX Runtime."""
+    from repq.api import export
+    from repq.engines.onnxruntime import OrtEngine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export(model, Path(tmp) / "candidate.onnx", "onnxruntime", input_shape)
+        return float(OrtEngine(path).evaluate(val_loader)[metric])
+
+
+def fallback_search(quantized: nn.Module, float_model: nn.Module, calib_loader, val_loader, budget: float,
+                    input_shape, *, metric: str = "top1", max_evaluations: int = 10,
+                    log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
+    """The fake-quant model with the fewest layers of the ranking in float whose ORT score is at most ``budget``
+    below FP32's (also in ORT), and the record of the search."""
+    if budget < 0:
+        raise RepqError(f"budget {budget} is negative: give the largest acceptable drop, e.g. 0.5 (points)")
+    ranking = rank_layers(quantized, float_model, calib_loader)
+    reference = engine_score(float_model, val_loader, input_shape, metric)
+    history, evaluations = [], 1
+    for k in range(len(ranking) + 1):
+        if evaluations >= max_evaluations:
+            raise RepqError(f"no candidate met the budget of {budget} within {max_evaluations} evaluations (kept "
+                            f"{k - 1} layers in float, drop {history[-1]['drop']:.2f}): raise the budget, or "
+                            "fine-tune (repq finetune) instead")
+        layers = [name for name, _ in ranking[:k]]
+        candidate = keep_in_float(quantized, layers)
+        everything = k == len(ranking)  # the FP32 graph itself: no QDQ file to export
+        score = reference if everything else engine_score(candidate, val_loader, input_shape, metric)
+        evaluations += 1
+        history.append({"float_layers": layers, metric: score, "drop": reference - score})
+        log(f"fallback: {k} layer(s) in float, ORT {metric} {score:.2f} (FP32 {reference:.2f}, drop "
+            f"{reference - score:.2f}, budget {budget})")
+        if reference - score <= budget:
+            record = {"budget": budget, "metric": metric, "fp32": reference, "int8": score,
+                      "float_layers": layers, "evaluations": evaluations, "history": history,
+                      "ranking": [{"layer": n, "output_error": e} for n, e in ranking]}
+            return candidate, record
+    raise AssertionError("unreachable: with every layer in float the drop is zero")
