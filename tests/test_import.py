@@ -80,7 +80,7 @@ def test_every_official_variant_resolves_to_its_zoo_model(variant, deploy):
 # ------------------------------------------------------------------------------------------ timm
 
 
-timm = pytest.importorskip("timm")
+import timm  # noqa: E402 -- the independent RepVGG and MobileOne (a test extra)
 
 
 def test_a_live_timm_model_imports_exactly():

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm  # the independent MobileOne (a test extra)
 import torch
 from conftest import randomize_bn, rel_err
 from torch import nn
@@ -13,8 +14,6 @@ from torch import nn
 from repq.quant.repq import RepQBlock
 from repq.reparam import MobileOneBlock, create_model, fuse_model
 from repq.reparam.mobileone import MobileOneConfig, MobileOneNet, from_timm_key
-
-timm = pytest.importorskip("timm", reason="timm (the independent MobileOne) is not installed: pip install timm")
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10" / "train"
 VARIANTS = ["s0", "s1", "s2", "s3", "s4"]
