@@ -58,6 +58,10 @@ class RefRepVGGBlock(nn.Module):
         if self.rbr_identity is not None:
             wi, bi = _fold(_eye(self.c_in, self.groups, weight), self.rbr_identity)
             weight, bias = weight + wi, bias + bi
+        self._deploy(weight, bias)
+
+    def _deploy(self, weight, bias):
+        """The fused kernel becomes ``rbr_reparam``; the branches go, as the authors' switch_to_deploy does."""
         conv = self.rbr_dense.conv
         self.rbr_reparam = nn.Conv2d(conv.in_channels, conv.out_channels, 3, conv.stride, 1, groups=conv.groups)
         self.rbr_reparam.weight.copy_(weight)
@@ -88,13 +92,7 @@ class RefQARepVGGBlock(RefRepVGGBlock):
         weight = weight + F.pad(self.rbr_1x1.weight, [1, 1, 1, 1])
         if self.rbr_identity is not None:
             weight = weight + _eye(self.c_in, self.groups, weight)
-        conv = self.rbr_dense.conv
-        self.rbr_reparam = nn.Conv2d(conv.in_channels, conv.out_channels, 3, conv.stride, 1, groups=conv.groups)
-        self.rbr_reparam.weight.copy_(weight)
-        self.rbr_reparam.bias.copy_(bias)
-        del self.rbr_dense, self.rbr_1x1
-        if hasattr(self, "rbr_identity"):
-            del self.rbr_identity
+        self._deploy(weight, bias)
 
 
 # The official code's variants: depths, width multipliers, group-wise layers.
