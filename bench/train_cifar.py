@@ -122,7 +122,8 @@ def cmd_run(args) -> dict:
     settings = recipe(args.model, width_mult=args.width, epochs=args.epochs, lr=args.lr, l2=args.l2,
                       weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                       low_res=args.low_res, low_res_epochs=args.low_res_epochs, device=args.device,
-                      precision=args.precision, progress=not args.no_progress)
+                      precision=args.precision, progress=not args.no_progress, keep_every=args.keep_every,
+                      batch_size=args.batch_size)
     start = time.perf_counter()
     summary = train(settings, args.data, args.out, resume=args.resume)
     minutes = (time.perf_counter() - start) / 60
@@ -209,6 +210,7 @@ def main(argv=None) -> int:
                         help="progressive resizing: input size of the first --low-res-epochs epochs")
     parser.add_argument("--low-res-epochs", type=int, default=0)
     parser.add_argument("--l2", default=RECIPE["l2"], choices=["plain", "custom"])
+    parser.add_argument("--keep-every", type=int, default=None, help="run: keep DIR/epoch_NNN.pt every N epochs")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto")

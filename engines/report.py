@@ -23,12 +23,13 @@ import html
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from repq.engines.doctor_report import doctor_sections, plot_doctor
+from repq.engines.doctor_report import diagnoses, doctor_sections, fallback_sections, plot_doctor, plot_fallback
 from repq.engines.timing import quality_key
 from repq.reparam.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -147,8 +148,11 @@ def collect_run_metrics(records: dict, recipe: Any = None) -> dict[str, Any]:
     methods: list[dict] = []
     stages: dict[str, Any] = {}
     versions: dict[str, str] = {}
+    found: dict[str, dict] = {"doctor": {}, "fallback": {}}  # stage entries the report shows as sections
     for name, record in records.items():
         metrics = dict(record.metrics)
+        for key in found:
+            found[key].update(metrics.pop(key, {}))
         ladder.extend(dict(e, stage=name) for e in metrics.pop("ladder", []))
         methods.extend(metrics.pop("methods", []))
         stages[name] = {"wall_s": record.manifest.get("wall_s"), "finished": record.manifest.get("finished"),
@@ -162,7 +166,7 @@ def collect_run_metrics(records: dict, recipe: Any = None) -> dict[str, Any]:
     methods = add_drops(merge_methods(methods), ladder)
     total = sum(s["wall_s"] or 0 for s in stages.values())
     return {"run": run, "ladder": ladder, "methods": methods, "stages": stages,
-            "total_wall_s": round(total, 3)}
+            "total_wall_s": round(total, 3), **{key: value for key, value in found.items() if value}}
 
 
 # ---------------------------------------------------------------- inputs for the plots
@@ -233,8 +237,18 @@ def _pyplot():
     return plt
 
 
-def _doctor_plot(doctor: dict | None) -> bytes | None:
-    fig = plot_doctor(doctor, _pyplot()) if doctor else None
+def _doctor_plots(doctor: dict | None) -> dict[str, tuple[str, bytes | None]]:
+    found = diagnoses(doctor)
+    plots = {}
+    for label, one in found.items():
+        name = "doctor" if len(found) == 1 else "doctor_" + re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+        suffix = f" ({label})" if len(found) > 1 else ""
+        plots[name] = (f"Doctor: fused max |w| and SQNR per layer{suffix}", _figure_png(plot_doctor(one, _pyplot())))
+    return plots
+
+
+def _fallback_plot(fallback: dict | None) -> bytes | None:
+    fig = plot_fallback(fallback, _pyplot()) if fallback else None
     return None if fig is None else _figure_png(fig)
 
 
@@ -346,7 +360,9 @@ def write_report(metrics: dict[str, Any], out_dir: str | Path, *, weights: dict 
         "accuracy_latency": ("Accuracy vs latency", plot_accuracy_latency(metrics.get("methods", []))),
         "weight_violins": ("Per-layer weights of the fused model", plot_weight_violins(weights or {})),
         "training_curves": ("Training curves", plot_curves(curves or {})),
-        "doctor": ("Doctor: fused max |w| and SQNR per layer", _doctor_plot(metrics.get("doctor"))),
+        **_doctor_plots(metrics.get("doctor")),
+        "fallback": ("Fallback: engine accuracy and latency against layers kept in float",
+                     _fallback_plot(metrics.get("fallback"))),
     }
     plots = {k: v for k, v in plots.items() if v[1] is not None}
     paths = {}
@@ -403,7 +419,7 @@ def _sections(metrics: dict[str, Any]) -> list[tuple[str, str, list[str], list[l
         total = metrics.get("total_wall_s")
         sections.append(("Stages", f"Wall time of each stage when it ran (total {_fmt(total, 1)} s).",
                          header, rows))
-    return sections + doctor_sections(metrics.get("doctor"))
+    return sections + doctor_sections(metrics.get("doctor")) + fallback_sections(metrics.get("fallback"))
 
 
 def render_markdown(metrics: dict[str, Any], plots: dict, title: str) -> str:

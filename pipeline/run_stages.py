@@ -181,7 +181,7 @@ def ptq_stage(ctx: StageContext):
     from repq.training.train import load_model_checkpoint
 
     data = _data(ctx)
-    artifacts, ladder = {}, []
+    artifacts, ladder, fallbacks = {}, [], {}
     for label, (path, trained) in _checkpoints(ctx).items():
         model, _ = load_model_checkpoint(path)
         for run in runs(ctx.settings, PTQConfig):
@@ -193,7 +193,26 @@ def ptq_stage(ctx: StageContext):
             artifacts[method] = {"kind": "toolkit", "file": file, "base": label, "bits": 8}
             ladder += [*_float_ladder(method, trained), {"step": "fakequant", "method": method,
                                                           **result["fakequant"]}]
-    return {"outputs": {}, "metrics": {"artifacts": artifacts, "ladder": ladder}}
+            if "fallback" in result:
+                fallbacks[method] = result["fallback"]
+    fallback = {"fallback": fallbacks} if fallbacks else {}
+    return {"outputs": {}, "metrics": {"artifacts": artifacts, "ladder": ladder, **fallback}}
+
+
+def doctor_stage(ctx: StageContext):
+    """`repq doctor` on every trained checkpoint (RepVGG and its QARepVGG substitute side by side): per layer,
+    why INT8 loses accuracy and where each engine parts ways; the report's doctor sections."""
+    from repq.pipeline.recipe import stage_config
+    from repq.quant.doctor import diagnose_checkpoint
+
+    data = _data(ctx)
+    config = stage_config(ctx.recipe, "doctor")
+    found = {}
+    for label, (path, _) in _checkpoints(ctx).items():
+        diagnosis = diagnose_checkpoint(path, data, config)
+        ctx.log(f"  {label}: {diagnosis.verdict}")
+        found[label] = diagnosis.as_dict()
+    return {"outputs": {}, "metrics": {"doctor": found}}
 
 
 def qat_stage(ctx: StageContext):

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from repq.engines.config import BenchConfig, EngineConfig, ExportConfig
-from repq.quant.config import FinetuneConfig, PTQConfig, QATConfig
+from repq.quant.config import DoctorConfig, FinetuneConfig, PTQConfig, QATConfig
 from repq.training.config import SubstituteConfig, TrainConfig
 
 
@@ -32,6 +32,7 @@ FROM_RECIPE: dict[type[BaseModel], dict[str, str]] = {
                   "seed": "seed", "split_seed": "data.split_seed", "preset": "data.preset",
                   "val_size": "data.val_size", "num_workers": "data.workers"},
     PTQConfig: {"seed": "seed"},
+    DoctorConfig: {"seed": "seed"},
     QATConfig: {"seed": "seed"},
     FinetuneConfig: {"seed": "seed"},
 }
@@ -107,6 +108,7 @@ def runs(section_settings: BaseModel, config: type[BaseModel]) -> list[dict]:
 TrainSection = section(TrainConfig, "TrainSection")
 SubstituteSection = section(SubstituteConfig, "SubstituteSection")
 PTQSection = section(PTQConfig, "PTQSection", sweep={"method": ["max", "entropy", "percentile", "mse"]})
+DoctorSection = section(DoctorConfig, "DoctorSection")
 QATSection = section(QATConfig, "QATSection", enabled=False, calibrator=(
     PTQConfig.model_fields["method"].annotation,
     Field("max", description="which PTQ model (by calibrator) the QAT starts from")))

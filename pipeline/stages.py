@@ -134,6 +134,8 @@ STAGES: tuple[Stage, ...] = (
           "RepVGG -> QARepVGG blocks, then training with plain L2"),
     Stage("ptq", f"{_RUN}:ptq_stage", ("train", "substitute"), False, sections.PTQSection,
           "toolkit PTQ of every trained model with every calibrator of the sweep"),
+    Stage("doctor", f"{_RUN}:doctor_stage", ("train", "substitute"), False, sections.DoctorSection,
+          "why INT8 loses accuracy, per layer and engine, for every trained model"),
     Stage("qat", f"{_RUN}:qat_stage", ("train", "substitute", "ptq"), True, sections.QATSection,
           "toolkit QAT of the last trained model's PTQ model"),
     Stage("repq", f"{_RUN}:repq_stage", ("train", "substitute"), False, sections.RepQSection,

@@ -50,7 +50,30 @@ class PTQConfig(Strict):
     budget: float | None = Field(None, ge=0, description="largest drop (top-1 points, or PSNR dB) of the ONNX "
                                  "Runtime INT8 engine from FP32 on the val split: the layers that hurt most are "
                                  "kept in float, fewest first, until it holds (none: quantize every layer)")
+    rank_by: Literal["output_error", "accuracy"] = Field(
+        "output_error", description="budget: the order layers are tried in: output_error (each layer quantized "
+        "alone, its model's output error on the calibration images; one forward pass a layer) or accuracy (the "
+        "val top-1/PSNR drop of each layer quantized alone, fake-quant; one val evaluation a layer)")
     seed: int = Field(0, description="seed of the calibration draw")
+    progress: bool = True
+
+
+DOCTOR_ENGINES = ("tensorrt", "onnxruntime", "openvino")  # quant.doctor.ENGINE_RUNS' keys
+
+
+class DoctorConfig(Strict):
+    """The doctor: per layer of the deploy form, why symmetric INT8 loses accuracy, and where each engine's
+    QDQ file parts ways with the fake-quant model."""
+
+    calib_size: int = Field(64, ge=1, description="calibration images drawn from the training split")
+    batch_size: int = Field(32, ge=1, description="calibration batch")
+    method: Literal[tuple(CALIBRATORS)] = Field("max", description="activation calibrator")
+    percentile: Literal[PERCENTILES] = Field(99.99, description="the percentile calibrator's percentile")
+    engines: list[Literal[DOCTOR_ENGINES]] = Field(
+        default_factory=lambda: list(DOCTOR_ENGINES), description="QDQ files checked against the fake-quant "
+        "model: tensorrt (its file in ONNX Runtime), onnxruntime, openvino (TensorRT's file); [] for none")
+    sqnr_images: int | None = Field(8, ge=1, description="images the per-layer SQNRs are measured on (none: all)")
+    seed: int = Field(0, description="seed of the calibration draw (as PTQ's)")
     progress: bool = True
 
 

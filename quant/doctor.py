@@ -567,17 +567,18 @@ def _cannot_run(engine: str) -> str | None:
     return None
 
 
-def diagnose_checkpoint(checkpoint: str | Path, data, *, calib_size: int = 64, batch_size: int = 32,
-                        method: str = "max", percentile: float = 99.99, seed: int = 0,
-                        engines: tuple[str, ...] = tuple(ENGINE_RUNS), progress: bool = True
-                        ) -> Diagnosis:
-    """``diagnose`` on files: the training checkpoint's model on ``calib_size`` of its training images (the
-    calibration draw `repq ptq` makes with the same seed)."""
+def diagnose_checkpoint(checkpoint: str | Path, data, config=None, **overrides) -> Diagnosis:
+    """``diagnose`` on files: the training checkpoint's model on ``config.calib_size`` of its training images
+    (the calibration draw `repq ptq` makes with the same seed). ``config``: a DoctorConfig (or its fields as
+    keywords)."""
     from repq.calibration.loaders import calibration_loader
+    from repq.quant.config import DoctorConfig
     from repq.quant.finetune import resolve_data
     from repq.training.train import load_model_checkpoint
 
+    c = DoctorConfig(**{**(config or DoctorConfig()).model_dump(), **overrides})
     model, ckpt = load_model_checkpoint(checkpoint)
     data = resolve_data(data, ckpt)
-    loader = calibration_loader(data, min(calib_size, len(data.train)), batch_size, seed)
-    return diagnose(model, loader, method=method, percentile=percentile, engines=engines, progress=progress)
+    loader = calibration_loader(data, min(c.calib_size, len(data.train)), c.batch_size, c.seed)
+    return diagnose(model, loader, method=c.method, percentile=c.percentile, engines=tuple(c.engines),
+                    sqnr_images=c.sqnr_images, progress=c.progress)

@@ -1,9 +1,11 @@
 """Which layers to keep in float so INT8 stays within an accuracy budget, measured on the ONNX Runtime engine.
 
 Layers are ranked by the error each causes in the model's output when it alone is quantized (the calibration
-images, a forward pass per layer); the search then keeps the 0, 1, 2, ... most harmful layers in float until the
-ORT engine's drop from FP32 on the validation split is within the budget: greedy on the ranking, one export
-and one evaluation per candidate (k + 2 evaluations for k float layers, FP32 included), capped.
+images, a forward pass per layer) or, on request, by the validation score it costs alone (fake-quant, one
+evaluation per layer); the search then keeps the 0, 1, 2, ... most harmful layers in float until the ORT engine's
+drop from FP32 on the validation split is within the budget: greedy on the ranking, one export and one
+evaluation per candidate (k + 2 engine evaluations for k float layers, FP32 included), capped. Each candidate's
+engine is also timed (batch 1), so the record holds the accuracy / float layers / latency trade-off.
 """
 
 from __future__ import annotations
@@ -48,10 +50,50 @@ def _outputs(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor
         return [model(images) for images in batches]
 
 
-def rank_layers(quantized: nn.Module, float_model: nn.Module, loader: Iterable, num_batches: int = 4
+def _alone(quantized: nn.Module):
+    """(name, context manager that quantizes only that layer) for each quantized layer of a working copy."""
+    work = copy.deepcopy(quantized).eval()
+    quantizers = _layer_quantizers(work)
+    for qs in quantizers.values():
+        for q in qs:
+            q.disable()
+
+    class Only:
+        def __init__(self, qs):
+            self.qs = qs
+
+        def __enter__(self):
+            for q in self.qs:
+                q.enable()
+
+        def __exit__(self, *exc):
+            for q in self.qs:
+                q.disable()
+
+    return work, [(name, Only(qs)) for name, qs in quantizers.items()]
+
+
+def rank_layers(quantized: nn.Module, float_model: nn.Module, loader: Iterable, num_batches: int = 4, *,
+                by: str = "output_error", val_loader: Iterable | None = None, metric: str = "top1"
                 ) -> list[tuple[str, float]]:
-    """(layer, relative output error ||y_q - y|| / ||y||) with only that layer quantized, most harmful first;
-    ``float_model`` is the deploy form ``quantized`` was made from."""
+    """Most harmful layer first. ``by="output_error"``: (layer, relative output error ||y_q - y|| / ||y|| with only
+    that layer quantized) on ``num_batches`` of ``loader``; ``by="accuracy"``: (layer, drop of ``metric`` on
+    ``val_loader`` with only that layer quantized, fake-quant in PyTorch). ``float_model`` is the deploy form
+    ``quantized`` was made from."""
+    from repq.training.evaluate import evaluate
+
+    if by not in ("output_error", "accuracy"):
+        raise RepqError(f"rank_by={by!r}: rank layers by output_error or accuracy")
+    work, layers = _alone(quantized)
+    if by == "accuracy":
+        if val_loader is None:
+            raise RepqError("ranking by accuracy needs the validation loader (val_loader)")
+        reference = float(evaluate(float_model.eval(), val_loader, progress=False)[metric])
+        errors = []
+        for name, only in layers:
+            with only:
+                errors.append((name, reference - float(evaluate(work, val_loader, progress=False)[metric])))
+        return sorted(errors, key=lambda item: -item[1])
     batches = []
     for i, batch in enumerate(loader):
         if i >= num_batches:
@@ -60,43 +102,53 @@ def rank_layers(quantized: nn.Module, float_model: nn.Module, loader: Iterable, 
     if not batches:
         raise RepqError("the ranking needs at least one calibration batch: give the loader some images")
     reference = _outputs(float_model.eval(), batches)
-    work = copy.deepcopy(quantized).eval()
-    quantizers = _layer_quantizers(work)
-    for qs in quantizers.values():
-        for q in qs:
-            q.disable()
+    signal = sum(float(r.double().pow(2).sum()) for r in reference)
     errors = []
-    for name, qs in quantizers.items():
-        for q in qs:
-            q.enable()
-        outputs = _outputs(work, batches)
-        for q in qs:
-            q.disable()
+    for name, only in layers:
+        with only:
+            outputs = _outputs(work, batches)
         noise = sum(float((o - r).double().pow(2).sum()) for o, r in zip(outputs, reference, strict=True))
-        signal = sum(float(r.double().pow(2).sum()) for r in reference)
         errors.append((name, (noise / max(signal, 1e-30)) ** 0.5))
     return sorted(errors, key=lambda item: -item[1])
 
 
 def engine_score(model: nn.Module, val_loader, input_shape, metric: str) -> float:
     """``metric`` of ``model`` (fake-quant: its ORT-placement QDQ file; float: its FP32 file) in ONNX Runtime."""
+    return engine_measure(model, val_loader, input_shape, metric, timed_runs=0)[0]
+
+
+def engine_measure(model: nn.Module, val_loader, input_shape, metric: str, timed_runs: int = 20
+                   ) -> tuple[float, float | None]:
+    """(``metric``, median latency in ms of one batch of ``input_shape`` over ``timed_runs`` runs, or None when
+    0) of ``model``'s ORT file (fake-quant: its ORT-placement QDQ file; float: its FP32 file)."""
+    import statistics
+
     from repq.api import export
     from repq.engines.onnxruntime import OrtEngine
 
     with tempfile.TemporaryDirectory() as tmp:
         path = export(model, Path(tmp) / "candidate.onnx", "onnxruntime", input_shape)
-        return float(OrtEngine(path).evaluate(val_loader)[metric])
+        engine = OrtEngine(path)
+        score = float(engine.evaluate(val_loader)[metric])
+        if not timed_runs:
+            return score, None
+        times = engine.times(tuple(input_shape[1:]), input_shape[0], warmup=3, runs=timed_runs)
+        return score, 1000.0 * statistics.median(times)
 
 
 def fallback_search(quantized: nn.Module, float_model: nn.Module, calib_loader, val_loader, budget: float,
-                    input_shape, *, metric: str = "top1", max_evaluations: int = 10,
-                    log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
+                    input_shape, *, metric: str = "top1", rank_by: str = "output_error", max_evaluations: int = 10,
+                    timed_runs: int = 20, log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
     """The fake-quant model with the fewest layers of the ranking in float whose ORT score is at most ``budget``
-    below FP32's (also in ORT), and the record of the search."""
+    below FP32's (also in ORT), and the record of the search (each candidate's score, drop and latency)."""
+    import time
+
     if budget < 0:
         raise RepqError(f"budget {budget} is negative: give the largest acceptable drop, e.g. 0.5 (points)")
-    ranking = rank_layers(quantized, float_model, calib_loader)
-    reference = engine_score(float_model, val_loader, input_shape, metric)
+    clock = time.perf_counter()
+    ranking = rank_layers(quantized, float_model, calib_loader, by=rank_by, val_loader=val_loader, metric=metric)
+    rank_seconds = time.perf_counter() - clock
+    reference, fp32_ms = engine_measure(float_model, val_loader, input_shape, metric, timed_runs)
     history, evaluations = [], 1
     for k in range(len(ranking) + 1):
         if evaluations >= max_evaluations:
@@ -106,14 +158,19 @@ def fallback_search(quantized: nn.Module, float_model: nn.Module, calib_loader, 
         layers = [name for name, _ in ranking[:k]]
         candidate = keep_in_float(quantized, layers)
         everything = k == len(ranking)  # the FP32 graph itself: no QDQ file to export
-        score = reference if everything else engine_score(candidate, val_loader, input_shape, metric)
+        score, latency = ((reference, fp32_ms) if everything else
+                          engine_measure(candidate, val_loader, input_shape, metric, timed_runs))
         evaluations += 1
-        history.append({"float_layers": layers, metric: score, "drop": reference - score})
+        history.append({"float_layers": layers, metric: score, "drop": reference - score, "latency_ms": latency})
         log(f"fallback: {k} layer(s) in float, ORT {metric} {score:.2f} (FP32 {reference:.2f}, drop "
             f"{reference - score:.2f}, budget {budget})")
         if reference - score <= budget:
-            record = {"budget": budget, "metric": metric, "fp32": reference, "int8": score,
-                      "float_layers": layers, "evaluations": evaluations, "history": history,
-                      "ranking": [{"layer": n, "output_error": e} for n, e in ranking]}
+            record = {"budget": budget, "metric": metric, "fp32": reference, "fp32_latency_ms": fp32_ms,
+                      "int8": score, "float_layers": layers, "evaluations": evaluations, "history": history,
+                      "rank_by": rank_by, "rank_seconds": rank_seconds,
+                      "rank_evaluations": len(ranking) + 1 if rank_by == "accuracy" else 0,
+                      "search_seconds": time.perf_counter() - clock, "latency_batch": input_shape[0],
+                      "ranking": [{"layer": n, "output_error" if rank_by == "output_error" else "drop": e}
+                                  for n, e in ranking]}
             return candidate, record
     raise AssertionError("unreachable: with every layer in float the drop is zero")

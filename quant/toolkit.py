@@ -233,7 +233,8 @@ def ptq_checkpoint(checkpoint: str | Path, data, config, out: str | Path, *, mod
 
         quantized, extra["fallback"] = fallback_search(
             quantized, deploy_copy(loaded.eval(), config.fuse), calib, val, config.budget,
-            (1, *data.input_shape[1:]), metric="psnr" if isinstance(data, SRData) else "top1", log=log)
+            (1, *data.input_shape[1:]), metric="psnr" if isinstance(data, SRData) else "top1",
+            rank_by=config.rank_by, log=log)
     save_quantized(quantized, out, extra)
     accuracy = evaluate(quantized, val, progress=config.progress if hasattr(config, "progress") else False,
                         desc=f"ptq {config.method}: evaluate")

@@ -67,7 +67,7 @@ def test_run_then_rerun_is_cached_and_the_report_is_in_the_run_folder(tmp_path, 
     monkeypatch.setattr(stages, "REGISTRY", {})
     stages.register("train", _toy_train, needs=())
     stages.register("engine", _toy_engine, needs=("train",))
-    off = [f"stages.{s}.enabled=false" for s in ("substitute", "ptq", "qat", "repq", "export", "bench")]
+    off = [f"stages.{s}.enabled=false" for s in ("substitute", "ptq", "doctor", "qat", "repq", "export", "bench")]
     argv = ["--out", str(tmp_path / "run"), "stages.train.epochs=3", *off]
     assert call("run", argv) == 0
     assert "ran train, engine" in capsys.readouterr().out

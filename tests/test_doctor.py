@@ -9,6 +9,7 @@ import torch
 from conftest import randomize_bn
 from torch import nn
 
+from repq.errors import RepqError
 from repq.quant.doctor import diagnose, engine_errors, first_divergence, outcome, sqnr_db
 from repq.reparam import BLOCKS, create_model, fuse_model
 from repq.reparam.block import sum_kernels
@@ -179,7 +180,8 @@ def test_doctor_command_prints_json(tmp_path, capsys):
     html = (tmp_path / "report" / "report.html").read_text()
     assert "Doctor: where INT8 loses accuracy" in html and "where the engine parts ways" in html
     assert "data:image/png;base64" in html and (tmp_path / "report" / "plots" / "doctor.png").stat().st_size > 1000
-    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["doctor"]["verdict"] == result["verdict"]
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["doctor"]["best.pt"]["verdict"] == \
+        result["verdict"]
     assert result["images"] == 16 and len(result["layers"]) == 23
     # The TensorRT-placement file computes what the fake-quant model does, to float rounding, at every layer; so
     # does ORT's own up to the head, whose input (the pooled last conv output) only that placement quantizes.
@@ -334,3 +336,92 @@ def test_diagnose_is_public():
     import repq.quant.doctor
 
     assert repq.diagnose is repq.quant.doctor.diagnose and "diagnose" in repq.__all__
+
+
+def test_ranking_by_accuracy_matches_each_layer_quantized_alone_by_hand():
+    from repq.quant.fallback import keep_in_float, rank_layers
+    from repq.quant.toolkit import quantize, quantized_layers
+    from repq.training.evaluate import evaluate
+
+    model, calib, val = _broken_net()
+    quantized = quantize(model, calib, "max")
+    ranking = dict(rank_layers(quantized, model, calib, by="accuracy", val_loader=val))
+    layers = list(quantized_layers(quantized))
+    for name in layers:  # by hand: every other layer kept in float
+        alone = keep_in_float(quantized, [n for n in layers if n != name])
+        assert ranking[name] == pytest.approx(100.0 - evaluate(alone, val)["top1"])
+    assert max(ranking, key=ranking.get) == "2" and ranking["2"] > 20
+    with pytest.raises(RepqError, match="val_loader"):
+        rank_layers(quantized, model, calib, by="accuracy")
+
+
+def test_fallback_records_the_accuracy_layers_latency_trade_off():
+    from repq.quant.fallback import fallback_search
+    from repq.quant.toolkit import quantize
+
+    model, calib, val = _broken_net()
+    quantized = quantize(model, calib, "max")
+    _, record = fallback_search(quantized, model, calib, val, budget=5.0, input_shape=(1, 3, 8, 8),
+                                rank_by="accuracy", timed_runs=3, log=lambda _: None)
+    assert record["float_layers"] == ["2"] and record["rank_by"] == "accuracy"
+    assert record["rank_evaluations"] == 5  # FP32 and each of the 4 layers alone, fake-quant
+    assert [len(h["float_layers"]) for h in record["history"]] == [0, 1]
+    assert all(h["latency_ms"] > 0 for h in record["history"]) and record["fp32_latency_ms"] > 0
+
+
+def _broken_sr_net():
+    """_broken_net's collapse in a x2 super-resolution net (Y channel in, PixelShuffle out), with targets the
+    FP32 model's own outputs (0.5 +- 0.1) plus noise of 0.01: FP32 scores about 40 dB PSNR."""
+    from repq.calibration.sr import SRValidation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, padding=1), nn.PixelShuffle(2)).eval()
+    with torch.no_grad():
+        model[0].bias[0] = -100.0
+        model[2].weight[:, 0, 1, 1] = 50.0
+        generator = torch.Generator().manual_seed(4)
+        lows = torch.rand(12, 1, 16, 16, generator=generator)
+        model[4].weight *= 0.1 / model(lows).std()  # outputs around 0.5, well inside PSNR's clip to [0, 1]
+        model[4].bias.fill_(0.5)
+        highs = model(lows) + 0.01 * torch.randn(12, 1, 32, 32, generator=generator)
+    pairs = [(low[0].numpy(), high[0].numpy()) for low, high in zip(lows[4:], highs[4:], strict=True)]
+    return model, [(lows[:4], highs[:4])], SRValidation(pairs, scale=2, name="constructed")
+
+
+def test_a_psnr_budget_keeps_the_broken_layer_of_a_super_resolution_net(tmp_path):
+    from repq.quant.fallback import engine_score, fallback_search
+    from repq.quant.toolkit import quantize
+
+    model, calib, val = _broken_sr_net()
+    quantized = quantize(model, calib, "max")
+    fp32 = engine_score(model, val, (1, 1, 16, 16), "psnr")
+    assert 38 < fp32 < 42
+    assert engine_score(quantized, val, (1, 1, 16, 16), "psnr") < fp32 - 3  # all of it in INT8: broken
+    _, record = fallback_search(quantized, model, calib, val, budget=1.0, input_shape=(1, 1, 16, 16),
+                                metric="psnr", timed_runs=0, log=lambda _: None)
+    assert record["metric"] == "psnr" and record["fp32"] == pytest.approx(fp32)
+    assert record["float_layers"] == ["2"] and record["fp32"] - record["int8"] <= 1.0
+
+
+def test_doctor_flags_and_recipe_section_come_from_one_config():
+    import argparse
+
+    from repq.pipeline.commands import doctor
+    from repq.pipeline.flags import config_from_args
+    from repq.pipeline.recipe import load_recipe, stage_config
+    from repq.quant.config import DOCTOR_ENGINES, DoctorConfig
+    from repq.quant.doctor import ENGINE_RUNS
+
+    assert DOCTOR_ENGINES == tuple(ENGINE_RUNS)
+    parser = argparse.ArgumentParser()
+    doctor.add_arguments(parser)
+    args = parser.parse_args(["a.pt", "--data", "digits", "--calib", "16", "--engine", "onnxruntime",
+                              "--sqnr-images", "4"])
+    config = config_from_args(args, DoctorConfig)
+    assert (config.calib_size, config.engines, config.sqnr_images) == (16, ["onnxruntime"], 4)
+    recipe = load_recipe(None, ["stages.doctor.calib_size=16", "stages.doctor.engines=[onnxruntime]"])
+    assert stage_config(recipe, "doctor") == DoctorConfig(calib_size=16, engines=["onnxruntime"])
+    assert stage_config(load_recipe(None, []), "doctor") == DoctorConfig()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["a.pt", "--data", "digits", "--engine", "tflite"])

@@ -17,7 +17,7 @@ TINY = ["data.source=digits", "data.val_size=0.1", "stages.substitute.epochs=1",
         "stages.train.batch_size=32", "stages.ptq.sweep={method: [max]}", "stages.ptq.calib_size=32",
         "stages.repq.epochs=0.02", "stages.repq.batch_size=32", "stages.export.targets=[onnxruntime]",
         "stages.bench.batch_sizes=[1]", "stages.bench.warmup=1", "stages.bench.iters=2"]
-OFF = ("substitute", "ptq", "qat", "repq", "export", "engine", "bench")
+OFF = ("substitute", "ptq", "doctor", "qat", "repq", "export", "engine", "bench")
 ONLY_TRAIN = [f"stages.{s}.enabled=false" for s in OFF] + ["data.val_size=20"]
 
 

@@ -104,8 +104,8 @@ def test_a_changed_code_version_reruns_every_stage(monkeypatch, tmp_path):
 
     registry = {}
     register("train", toy, needs=(), registry=registry)
-    offs = [f"stages.{s}.enabled=false" for s in ("substitute", "ptq", "qat", "repq", "export", "engine", "bench",
-                                                   "report")]
+    offs = [f"stages.{s}.enabled=false" for s in ("substitute", "ptq", "doctor", "qat", "repq", "export", "engine",
+                                                   "bench", "report")]
     recipe = load_recipe(None, offs)
     ran = run_pipeline(recipe, tmp_path / "run", registry=registry, log=lambda _: None).ran
     assert ran == ["train"]

@@ -14,7 +14,8 @@ TINY = ["model.width_mult=0.125", "stages.train.epochs=2", "stages.train.max_ste
         "stages.ptq.sweep={method: [max]}", "stages.ptq.calib_size=64", "stages.repq.method=bnest_corrected",
         "stages.repq.epochs=0.05", "stages.repq.batch_size=64", "stages.repq.distill=0.5",
         "stages.repq.recalibrate_bn=2", "stages.repq.freeze_bn_at=0.5", "stages.bench.batch_sizes=[1,4]",
-        "stages.bench.warmup=1", "stages.bench.iters=3"]
+        "stages.bench.warmup=1", "stages.bench.iters=3", "stages.doctor.calib_size=16",
+        "stages.doctor.engines=[tensorrt]", "stages.ptq.budget=50"]
 
 
 def repq_run(out, *extra):
@@ -32,7 +33,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_every_stage_runs_and_the_report_is_written(run_dir):
-    for stage in ("train", "substitute", "ptq", "repq", "export", "engine", "bench"):
+    for stage in ("train", "substitute", "ptq", "doctor", "repq", "export", "engine", "bench"):
         assert (run_dir / stage / "manifest.json").is_file(), stage
     for name in ("report.md", "report.html", "metrics.json"):
         assert (run_dir / name).is_file()
@@ -59,12 +60,30 @@ def test_the_parity_ladder_is_consistent(run_dir):
     assert ("qarepvgg_a0 PTQ max", "onnxruntime") in rows and ("FP32 qarepvgg_a0", "onnxruntime") in rows
 
 
+def test_the_report_has_the_doctor_of_each_trained_model_and_the_fallback(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["doctor"]) == {"repvgg_a0", "qarepvgg_a0"}
+    for diagnosis in metrics["doctor"].values():
+        assert diagnosis["images"] == 16 and len(diagnosis["layers"]) == 23
+        assert set(diagnosis["engine_divergence"]) == {"tensorrt"}
+    fallback = metrics["fallback"]
+    assert set(fallback) == {"repvgg_a0 PTQ max", "qarepvgg_a0 PTQ max"}
+    for record in fallback.values():  # 50 points: met with every layer quantized, by the first candidate
+        assert record["float_layers"] == [] and record["evaluations"] == 2 and record["budget"] == 50
+    html = (run_dir / "report.html").read_text()
+    for heading in ("Doctor: where INT8 loses accuracy (repvgg_a0)", "Doctor: where INT8 loses accuracy "
+                    "(qarepvgg_a0)", "Fallback under a budget (repvgg_a0 PTQ max)"):
+        assert heading in html
+    for plot in ("doctor_repvgg_a0", "doctor_qarepvgg_a0", "fallback"):
+        assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 1000
+
+
 def test_a_rerun_redoes_nothing(run_dir):
     again = repq_run(run_dir)
     assert again.returncode == 0, again.stderr[-2000:]
     log = again.stdout + again.stderr
     assert "running" not in log.replace("repq run", "")
-    assert log.count("cached - skipping") == 7
+    assert log.count("cached - skipping") == 8
 
 
 def test_every_artifact_the_run_wrote_is_accepted_by_repq_eval(run_dir, capsys):

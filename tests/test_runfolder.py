@@ -72,8 +72,9 @@ TOY = textwrap.dedent('''
         return {"outputs": {"onnx": "model.onnx.txt"}}
 ''')
 
-OFF = ["stages.substitute.enabled=false", "stages.qat.enabled=false", "stages.repq.enabled=false",
-       "stages.engine.enabled=false", "stages.bench.enabled=false", "stages.report.enabled=false",
+OFF = ["stages.substitute.enabled=false", "stages.doctor.enabled=false", "stages.qat.enabled=false",
+       "stages.repq.enabled=false", "stages.engine.enabled=false", "stages.bench.enabled=false",
+       "stages.report.enabled=false",
        "stages.train.epochs=2", "stages.ptq.calib_size=512", "name=toy"]
 
 
@@ -328,8 +329,8 @@ def test_torchrun_ranks_share_one_run_folder(tmp_path):
         registry = {{}}
         register("train", "dist_toy:train", needs=(), registry=registry, distributed=True)
         register("ptq", "dist_toy:ptq", needs=("train",), registry=registry)
-        off = ["stages.{{}}.enabled=false".format(s) for s in ("substitute", "qat", "repq", "export", "engine",
-                                                             "bench", "report")]
+        off = ["stages.{{}}.enabled=false".format(s) for s in ("substitute", "doctor", "qat", "repq", "export",
+                                                             "engine", "bench", "report")]
         summary = run_pipeline(load_recipe(None, off), {str(tmp_path / "run")!r}, registry=registry,
                                log=lambda line: None)
         print("ran", summary.ran, "cached", summary.cached)

@@ -30,7 +30,8 @@ from repq.pipeline.stages import register
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "repvgg_a0", "--width-mult", "0.125", "--device", "cpu", "--no-progress", "--no-channels-last",
         "--batch-size", "8"]
-TOY = ["stages.substitute.enabled=false", "stages.qat.enabled=false", "stages.repq.enabled=false",
+TOY = ["stages.substitute.enabled=false", "stages.doctor.enabled=false", "stages.qat.enabled=false",
+       "stages.repq.enabled=false",
        "stages.export.enabled=false", "stages.engine.enabled=false", "stages.bench.enabled=false",
        "stages.report.enabled=false", "stages.report.violins=false", "name=toy"]
 

@@ -45,6 +45,8 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(0, ge=0)
     sync_bn: bool = Field(True, description="BatchNorm statistics over all processes' batches")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (quick probes)")
+    keep_every: int | None = Field(None, ge=1, description="also keep DIR/epoch_NNN.pt every this many epochs "
+                                   "(to follow a quantity along training)")
     progress: bool = True
 
     @model_validator(mode="after")

@@ -290,6 +290,8 @@ def _train(config: TrainConfig, data, out: Path, resume, on_step, ctx: DistConte
             if improved:
                 atomic_save(ckpt, best_path)
             atomic_save(ckpt, last_path)
+            if config.keep_every and (epoch + 1) % config.keep_every == 0:
+                atomic_save(ckpt, out / f"epoch_{epoch + 1:03d}.pt")
             atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state.history))
         barrier(ctx)
 

@@ -22,20 +22,16 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from repq.calibration.calibrators import CALIBRATORS
+    from repq.pipeline.flags import add_config_flags
+    from repq.quant.config import DoctorConfig
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__
     parser.add_argument("ckpt", metavar="CKPT", help="training checkpoint (DIR/best.pt of `repq train`)")
     parser.add_argument("--data", required=True, metavar="DIR", help="an ImageFolder, or `digits`")
-    parser.add_argument("--calib", type=int, default=64, metavar="N", help="calibration images (default: 64)")
-    parser.add_argument("--method", choices=list(CALIBRATORS), default="max", help="activation calibrator")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (as repq ptq's)")
-    parser.add_argument("--engine", nargs="+", default=["tensorrt", "onnxruntime", "openvino"], metavar="NAME",
-                        help="engines whose QDQ files are checked against the fake-quant model: tensorrt (its file "
-                        "in ONNX Runtime), onnxruntime, openvino (TensorRT's file); default: all three")
-    parser.add_argument("--no-engine", action="store_true", help="skip the engine divergence table")
+    add_config_flags(parser, DoctorConfig, title="doctor settings (DoctorConfig)",
+                     aliases={"calib_size": ("--calib",), "engines": ("--engine",)})
+    parser.add_argument("--no-engine", action="store_true", help="skip the engine divergence table (engines=[])")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--report", metavar="DIR", help="also write DIR/report.html, report.md and metrics.json "
                         "(the tables and a per-layer plot of max |w| and SQNR)")
@@ -45,20 +41,23 @@ REPORT_FILES = frozenset({"report.md", "report.html", "metrics.json", "plots"})
 
 
 def run(args: argparse.Namespace) -> int:
+    from repq.pipeline.flags import config_from_args
+    from repq.quant.config import DoctorConfig
     from repq.quant.doctor import diagnose_checkpoint
 
+    config = config_from_args(args, DoctorConfig, **({"engines": []} if args.no_engine else {}))
     if args.report is not None:
         from repq.pipeline.runfolder import claim_folder
 
         claim_folder(args.report, "repq doctor", known=REPORT_FILES, reads=(args.ckpt, args.data), flag="--report")
-    diagnosis = diagnose_checkpoint(args.ckpt, args.data, calib_size=args.calib, batch_size=args.batch_size,
-                                    method=args.method, seed=args.seed,
-                                    engines=() if args.no_engine else tuple(args.engine), progress=True)
+    diagnosis = diagnose_checkpoint(args.ckpt, args.data, config)
     if args.report is not None:
+        from pathlib import Path
+
         from repq.engines.report import write_report
 
-        run = {"name": "doctor", "model": args.ckpt, "data": args.data, "seed": args.seed}
-        paths = write_report({"run": run, "doctor": diagnosis.as_dict()}, args.report,
+        run = {"name": "doctor", "model": args.ckpt, "data": args.data, "seed": config.seed}
+        paths = write_report({"run": run, "doctor": {Path(args.ckpt).name: diagnosis.as_dict()}}, args.report,
                              title=f"repq doctor: {args.ckpt}")
         print(f"report: {paths['html']}", file=sys.stderr)
     if args.json:
