@@ -206,8 +206,8 @@ def kernel_statistics(weight: Tensor, groups: int, shares: dict[str, Tensor] | N
     }
 
 
-def identity_variances(model: nn.Module) -> dict[str, Tensor]:
-    """The running variance of each block's identity BN (a BN whose tap is the identity map), by deploy conv."""
+def identity_bns(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
+    """Each block's identity BN (a BN whose tap is the identity map), by deploy conv."""
     found = {}
     for name, module in model.named_modules():
         if not isinstance(module, ReparamBlock) or module.deployed:
@@ -217,8 +217,20 @@ def identity_variances(model: nn.Module) -> dict[str, Tensor]:
             if kernel.shape[2:] != (1, 1) or kernel.shape[0] != module.in_channels:
                 continue
             if torch.equal(kernel, identity_kernel(module.in_channels, tap.groups, like=kernel)):
-                found[f"{name}.reparam_conv"] = tap.bn.running_var.detach().clone()
+                found[f"{name}.reparam_conv"] = tap.bn
     return found
+
+
+def identity_variances(model: nn.Module) -> dict[str, Tensor]:
+    """The running variance of each block's identity BN, by deploy conv."""
+    return {name: bn.running_var.detach().clone() for name, bn in identity_bns(model).items()}
+
+
+def identity_scales(model: nn.Module) -> dict[str, Tensor]:
+    """|gamma| / sqrt(running_var + eps) of each block's identity BN, by deploy conv: the factor the identity
+    branch puts into the fused kernel's centre (the QARepVGG paper's outlier source)."""
+    return {name: (bn.weight.detach().abs() / (bn.running_var.detach() + bn.eps).sqrt())
+            for name, bn in identity_bns(model).items()}
 
 
 # -- quantization error -------------------------------------------------------------------------------------

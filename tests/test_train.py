@@ -159,9 +159,12 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
 
 
 def test_run_folder_contract_and_deploy_check(tmp_path):
-    summary = train(TrainConfig(**TINY), "digits", tmp_path / "run", recipe={"name": "tiny", "seed": 0})
+    summary = train(TrainConfig(**TINY, keep_every=2), "digits", tmp_path / "run", recipe={"name": "tiny", "seed": 0})
     out = tmp_path / "run"
     assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
+    assert sorted(p.name for p in out.glob("epoch_*.pt")) == ["epoch_002.pt"]  # keep_every=2 of 2 epochs
+    kept, last = (torch.load(out / name, weights_only=True) for name in ("epoch_002.pt", "last.pt"))
+    assert kept["epoch"] == 2 and all(torch.equal(kept["state_dict"][k], v) for k, v in last["state_dict"].items())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:
