@@ -11,6 +11,11 @@
 # cannot build it offline (setuptools < 70.1 without wheel), /tmp/gpu_session_repq holds links laid out as the
 # installed package (repq/ and the folders pyproject.toml's package-dir maps to repq.*) and goes on PYTHONPATH.
 # DEVICE (cuda), DEADLINE (560), DRY=1: rehearse on any device with a few steps. Results: OUT/results.tgz.
+#
+# MODE=collapse OUT=/tmp/gpu bench/gpu_session.sh   (no CHECKPOINT): the collapse issue's sweep instead: RepVGG-A0
+# with custom L2 and QARepVGG-A0 with plain L2 (SGD lr 0.1, weight decay 1e-4, cosine, no label smoothing, bf16)
+# at WIDTH (1.0) for EPOCHS (30), both at once, a checkpoint every KEEP (2) epochs, then bench/collapse.py table
+# on them. Training state lands in OUT/collapse (resumable: rerun the same command to continue).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
@@ -19,7 +24,8 @@ DEVICE=${DEVICE:-cuda}
 DEADLINE=${DEADLINE:-560}
 OUT=${OUT:-/tmp/gpu_session}
 DATA=${DATA:-../shared/datasets/cifar10}
-CHECKPOINT=${CHECKPOINT:?set CHECKPOINT to an FP32 checkpoint of repq train}
+MODE=${MODE:-finetune}
+[ "$MODE" = collapse ] || CHECKPOINT=${CHECKPOINT:?set CHECKPOINT to an FP32 checkpoint of repq train}
 R=$(mktemp -d)
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -44,6 +50,24 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
 python3 -c "import sys; from repq.calibration.datasets import load_data; d = load_data(sys.argv[1], val_size=5000); print(len(d.train), 'train', len(d.val), 'val')" "$DATA" || exit 1
 echo "== setup done at $((SECONDS - T0)) s"
+
+if [ "$MODE" = collapse ]; then
+  WIDTH=${WIDTH:-1.0} EPOCHS=${EPOCHS:-30} KEEP=${KEEP:-2}
+  C="$OUT/collapse"
+  PIDS=()
+  for spec in "repvgg_a0 custom" "qarepvgg_a0 plain"; do
+    read -r model l2 <<< "$spec"
+    resume=(); [ -f "$C/$model/last.pt" ] && resume=(--resume)
+    timeout $((DEADLINE - (SECONDS - T0) - 90)) python3 bench/train_cifar.py run --data "$DATA" --device "$DEVICE" \
+      --model "$model" --l2 "$l2" --lr 0.1 --weight-decay 1e-4 --label-smoothing 0 --precision bf16 --width "$WIDTH" \
+      --epochs "$EPOCHS" --keep-every "$KEEP" --no-progress "${resume[@]}" --out "$C/$model" > "$C.$model.log" 2>&1 & PIDS+=($!)
+  done
+  wait "${PIDS[@]}"
+  grep -h "^epoch" "$C".*.log | tail -4
+  python3 bench/collapse.py table --data "$DATA" --runs "$C/repvgg_a0" "$C/qarepvgg_a0" --out "$C/table" && cat "$C/table/table.md"
+  echo "== collapse sweep done at $((SECONDS - T0)) s"
+  exit 0
+fi
 
 STEPS=30 TIMED=15; [ -n "${DRY:-}" ] && STEPS=2 TIMED=1
 for precision in fp32 bf16; do
