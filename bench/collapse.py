@@ -147,10 +147,10 @@ def plot(rows: list[dict], out: Path) -> None:
     runs = list(dict.fromkeys(r["run"] for r in rows))
     fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
     for ax, (key, (label, log)) in zip(axes.flat, QUANTITIES.items(), strict=True):
-        for run in runs:
+        for i, run in enumerate(runs):  # one colour per run in every panel, drawn or not
             points = [(r["epoch"], r[key]) for r in rows if r["run"] == run and r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points, strict=True), "o-", label=run)
+                ax.plot(*zip(*points, strict=True), "o-", color=f"C{i}", label=run)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("epoch")
         if log:
@@ -179,9 +179,13 @@ def cmd_rescue(args) -> dict:
     shape = (1, *data.input_shape[1:])
     out = Path(args.out)
     steps, rows = args.steps, {}
+    if args.only and (out / "rescue.json").is_file():  # rerun some paths: keep the others' rows
+        rows = json.loads((out / "rescue.json").read_text())["rows"]
     train_loader, _ = build_loaders(data, args.batch_size, seed=0)
 
     def timed(name, fn):
+        if args.only and name.split()[0].strip("()") not in args.only:
+            return
         start = time.perf_counter()
         row = fn()
         row["seconds"] = round(time.perf_counter() - start, 1)
@@ -189,6 +193,7 @@ def cmd_rescue(args) -> dict:
         print(f"{name}: {json.dumps(row)}", file=sys.stderr, flush=True)
         atomic_write_json(out / "rescue.json", {"checkpoint": str(args.checkpoint), "steps": steps, "rows": rows})
 
+    args.only = args.only and [*args.only, "FP32", "PTQ"]
     timed("FP32", lambda: {"top1": engine_top1(model, val, shape, quantized=False), "steps": 0})
     for method in ("max", "percentile"):
         timed(f"PTQ {method}", lambda m=method: {
@@ -248,7 +253,9 @@ def rescue_markdown(result: dict) -> str:
     lines = [f"Rescue of {result['checkpoint']}: top-1 (%) of each ONNX Runtime INT8 file on {result['val_images']}"
              f" validation images; fine-tunes get {result['steps']} steps each.", "",
              "| path | top-1 (ORT) | steps | wall s | notes |", "|---|---|---|---|---|"]
-    for name, row in result["rows"].items():
+    baselines = [n for n in result["rows"] if not n.startswith("(")]
+    for name in baselines + sorted(n for n in result["rows"] if n.startswith("(")):
+        row = result["rows"][name]
         notes = []
         if "float_layers" in row:
             notes.append(f"{len(row['float_layers'])} layer(s) in float: {', '.join(row['float_layers']) or '-'};"
@@ -272,6 +279,8 @@ def main(argv=None) -> int:
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--substitute-lr", type=float, default=0.05)
     parser.add_argument("--qat-lr", type=float, default=1e-3)
+    parser.add_argument("--only", nargs="+", choices=list("abcd"), help="rescue: run only these paths (and the "
+                        "baselines), keeping the other rows of OUT/rescue.json")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.command == "table" and not args.runs:

@@ -71,7 +71,7 @@ class DoctorConfig(Strict):
     percentile: Literal[PERCENTILES] = Field(99.99, description="the percentile calibrator's percentile")
     engines: list[Literal[DOCTOR_ENGINES]] = Field(
         default_factory=lambda: list(DOCTOR_ENGINES), description="QDQ files checked against the fake-quant "
-        "model: tensorrt (its file in ONNX Runtime), onnxruntime, openvino (TensorRT's file); [] for none")
+        "model: tensorrt (its file in ONNX Runtime), onnxruntime, openvino (TensorRT's file); none: [] (--no-engine)")
     sqnr_images: int | None = Field(8, ge=1, description="images the per-layer SQNRs are measured on (none: all)")
     seed: int = Field(0, description="seed of the calibration draw (as PTQ's)")
     progress: bool = True
