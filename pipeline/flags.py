@@ -75,6 +75,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type[BaseModel], *
         elif origin is list:
             item = typing.get_args(annotation)[0]
             kwargs.update(nargs="+", action="extend", type=item if item in (int, float, str) else str)
+            if typing.get_origin(item) is Literal:  # a list of choices: argparse names them on a bad one
+                kwargs.update(choices=list(typing.get_args(item)), type=_literal_value(typing.get_args(item)))
         elif origin is dict:
             from repq.pipeline.recipe import parse_value
 
