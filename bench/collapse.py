@@ -24,17 +24,15 @@ import argparse
 import copy
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from repq.api import export
 from repq.calibration.datasets import load_data
 from repq.calibration.loaders import build_loaders, calibration_loader
-from repq.engines.onnxruntime import OrtEngine
 from repq.quant.doctor import diagnose, identity_scales
+from repq.quant.fallback import engine_score
 from repq.quant.toolkit import deploy_copy, quantize
 from repq.reparam.io import atomic_write_json, atomic_write_text
 from repq.training.train import load_model_checkpoint
@@ -50,14 +48,6 @@ QUANTITIES = {  # key -> (axis label, log scale)
     "dead_channels": ("dead channels (all layers' inputs)", False),
     "max_identity_scale": ("largest identity-BN |gamma|/sqrt(var+eps)", True),
 }
-
-
-def engine_top1(model: torch.nn.Module, val, shape, *, quantized: bool) -> float:
-    """Top-1 of ``model``'s ONNX Runtime file: the ORT-placement QDQ file of a fake-quant model, else FP32."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export(model if quantized else deploy_copy(model).eval(), Path(tmp) / "m.onnx", "onnxruntime",
-                      shape, dynamic_batch=True)
-        return float(OrtEngine(path).evaluate(val)["top1"])
 
 
 def split(data_dir: str):
@@ -89,9 +79,9 @@ def checkpoint_row(path: Path, data, val, calib) -> dict:
     row = {"run": path.parent.name, "model": model.repq_arch["name"], "epoch": ckpt["epoch"],
            "l2": ckpt["settings"]["l2"], "lr": ckpt["settings"]["lr"],
            "weight_decay": ckpt["settings"]["weight_decay"], "width": ckpt["settings"]["width_mult"]}
-    row["fp32"] = engine_top1(model, val, shape, quantized=False)
+    row["fp32"] = engine_score(model, val, shape, "top1")
     for method in ("max", "percentile"):
-        row[f"ptq_{method}"] = engine_top1(quantize(model, calib, method), val, shape, quantized=True)
+        row[f"ptq_{method}"] = engine_score(quantize(model, calib, method), val, shape, "top1")
     row["drop_max"] = row["fp32"] - row["ptq_max"]
     row["drop_percentile"] = row["fp32"] - row["ptq_percentile"]
     row.update(ingredients(model, calib))
@@ -168,7 +158,7 @@ def plot(rows: list[dict], out: Path) -> None:
 def cmd_rescue(args) -> dict:
     from repq.quant.config import FinetuneConfig, QATConfig
     from repq.quant.fallback import fallback_search
-    from repq.quant.finetune import export_quantized, finetune, quantized_model
+    from repq.quant.finetune import finetune, quantized_model
     from repq.quant.qat import qat
     from repq.training.config import SubstituteConfig, TrainConfig
     from repq.training.train import substitute
@@ -194,10 +184,10 @@ def cmd_rescue(args) -> dict:
         atomic_write_json(out / "rescue.json", {"checkpoint": str(args.checkpoint), "steps": steps, "rows": rows})
 
     args.only = args.only and [*args.only, "FP32", "PTQ"]
-    timed("FP32", lambda: {"top1": engine_top1(model, val, shape, quantized=False), "steps": 0})
+    timed("FP32", lambda: {"top1": engine_score(model, val, shape, "top1"), "steps": 0})
     for method in ("max", "percentile"):
         timed(f"PTQ {method}", lambda m=method: {
-            "top1": engine_top1(quantize(model, calib, m), val, shape, quantized=True), "steps": 0})
+            "top1": engine_score(quantize(model, calib, m), val, shape, "top1"), "steps": 0})
 
     def substituted():
         saved = {k: v for k, v in ckpt["settings"].items() if k in TrainConfig.model_fields}
@@ -206,9 +196,9 @@ def cmd_rescue(args) -> dict:
                              out / "a_substitute", base=base)
         qa, _ = load_model_checkpoint(summary["best_checkpoint"])
         qa.eval()
-        return {"fp32": engine_top1(qa, val, shape, quantized=False),
-                "top1": engine_top1(quantize(qa, calib, "max"), val, shape, quantized=True),
-                "top1_percentile": engine_top1(quantize(qa, calib, "percentile"), val, shape, quantized=True),
+        return {"fp32": engine_score(qa, val, shape, "top1"),
+                "top1": engine_score(quantize(qa, calib, "max"), val, shape, "top1"),
+                "top1_percentile": engine_score(quantize(qa, calib, "percentile"), val, shape, "top1"),
                 "steps": steps}
 
     def repq_8bit():
@@ -217,10 +207,7 @@ def cmd_rescue(args) -> dict:
         q = quantized_model(copy.deepcopy(model), config)
         finetune(q, train_loader, config, log=lambda line: print(f"  {line}", file=sys.stderr))
         q.eval()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = export_quantized(q, Path(tmp) / "repq.onnx", "onnxruntime", shape, dynamic_batch=True)
-            return {"top1": float(OrtEngine(path).evaluate(val)["top1"]), "steps": steps,
-                    "method": config.method}
+        return {"top1": engine_score(q, val, shape, "top1"), "steps": steps, "method": config.method}
 
     def fallback():
         quantized = quantize(model, calib, "max")
@@ -236,7 +223,7 @@ def cmd_rescue(args) -> dict:
                            progress=False)
         result = qat(quantized, data, out / "d_qat", config)
         q = result["model"].eval()
-        return {"top1": engine_top1(q, val, shape, quantized=True), "steps": steps}
+        return {"top1": engine_score(q, val, shape, "top1"), "steps": steps}
 
     timed("(a) QARepVGG substitution + fine-tune, PTQ max", substituted)
     timed(f"(b) RepQ ({args.repq_method}) W8A8 fine-tune", repq_8bit)

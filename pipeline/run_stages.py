@@ -123,14 +123,12 @@ def checkpoint_stage(ctx: StageContext):
     """The train stage of a recipe that starts from ``model.checkpoint``: no FP training; the checkpoint, imported
     when it is foreign (`repq import`), checked against the data's classes and given its data record, is this
     stage's output, scored in train and fused form like a trained one."""
-    import torch
-
     from repq.calibration.datasets import ImageData, check_record_classes
     from repq.pipeline.recipe import stage_config
     from repq.reparam.importers import import_checkpoint
     from repq.reparam.io import atomic_save
     from repq.reparam.models import model_label
-    from repq.training.distributed import DistContext
+    from repq.training.distributed import resolve_device, single_process
     from repq.training.evaluate import evaluate_with_deploy
     from repq.training.train import load_model_checkpoint
 
@@ -144,10 +142,8 @@ def checkpoint_stage(ctx: StageContext):
                                                   "split_seed": ctx.recipe.data.split_seed})
     atomic_save(ckpt, ctx.path("best.pt"))
     model, _ = load_model_checkpoint(ctx.dir / "best.pt")
-    device = stage_config(ctx.recipe, "train").device
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
-    metrics = evaluate_with_deploy(model.to(device), _val_loader(data), DistContext(0, 1, 0, device, False), False)
+    device = resolve_device(stage_config(ctx.recipe, "train").device)
+    metrics = evaluate_with_deploy(model.to(device), _val_loader(data), single_process(device), False)
     label = model_label(ckpt["arch"])
     ctx.log(f"  {label} from {source}, no FP training: val top-1 {metrics['val_top1']:.2f}% (fused "
             f"{metrics['deploy_val_top1']:.2f}%)")

@@ -300,11 +300,6 @@ class _LayerStats:
         return channel, sqnr[channel]
 
 
-def _quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and hasattr(m, "weight_quantizer")}
-
-
 def _amax(quantizer) -> float | None:
     if quantizer is None or not quantizer.is_enabled or getattr(quantizer, "_amax", None) is None:
         return None
@@ -503,7 +498,7 @@ def diagnose(model: nn.Module, loader: Iterable, *, method: str = "max", percent
     outputs against FP32 are measured on every image; the layers' SQNRs and the fake-quant model's error at each
     layer on the first ``sqnr_images`` (None: all; millions of outputs per layer already at 224 px, where each
     image costs four convs per layer more)."""
-    from repq.quant.toolkit import deploy_copy, quantize
+    from repq.quant.toolkit import deploy_copy, quantize, quantized_layers
 
     if sqnr_images is not None and sqnr_images < 1:
         raise RepqError(f"sqnr_images={sqnr_images}: measure SQNRs on at least one image (None: all)")
@@ -519,7 +514,7 @@ def diagnose(model: nn.Module, loader: Iterable, *, method: str = "max", percent
         quantized = quantize(model, loader, method, percentile, num_batches=num_batches)
     quantized = quantized.eval()
     seconds = {"calibrate": time.perf_counter() - clock}
-    q_layers = _quantized_layers(quantized)
+    q_layers = quantized_layers(quantized)
     fp_modules = dict(fp.named_modules())
     names = [n for n in q_layers if n in fp_modules and _amax(q_layers[n].weight_quantizer) is not None]
     if not names:

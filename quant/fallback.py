@@ -10,6 +10,7 @@ engine is also timed (batch 1), so the record holds the accuracy / float layers 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 from collections.abc import Callable, Iterable
@@ -22,10 +23,11 @@ from repq.errors import RepqError
 
 
 def _layer_quantizers(quantized: nn.Module) -> dict[str, list]:
-    return {n: [q for q in (getattr(m, "input_quantizer", None), getattr(m, "weight_quantizer", None))
-                if q is not None and q.is_enabled]
-            for n, m in quantized.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and hasattr(m, "weight_quantizer")}
+    """The enabled input and weight quantizers of each quantized layer, by name."""
+    from repq.quant.toolkit import quantized_layers
+
+    return {n: [q for q in (getattr(m, "input_quantizer", None), m.weight_quantizer) if q is not None and q.is_enabled]
+            for n, m in quantized_layers(quantized).items()}
 
 
 def keep_in_float(quantized: nn.Module, layers: Iterable[str]) -> nn.Module:
@@ -50,27 +52,26 @@ def _outputs(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor
         return [model(images) for images in batches]
 
 
+@contextlib.contextmanager
+def _enabled(quantizers: list):
+    for q in quantizers:
+        q.enable()
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.disable()
+
+
 def _alone(quantized: nn.Module):
-    """(name, context manager that quantizes only that layer) for each quantized layer of a working copy."""
+    """A working copy of ``quantized`` with every quantizer off, and (name, context that quantizes only that
+    layer) for each quantized layer."""
     work = copy.deepcopy(quantized).eval()
     quantizers = _layer_quantizers(work)
     for qs in quantizers.values():
         for q in qs:
             q.disable()
-
-    class Only:
-        def __init__(self, qs):
-            self.qs = qs
-
-        def __enter__(self):
-            for q in self.qs:
-                q.enable()
-
-        def __exit__(self, *exc):
-            for q in self.qs:
-                q.disable()
-
-    return work, [(name, Only(qs)) for name, qs in quantizers.items()]
+    return work, [(name, _enabled(qs)) for name, qs in quantizers.items()]
 
 
 def rank_layers(quantized: nn.Module, float_model: nn.Module, loader: Iterable, num_batches: int = 4, *,

@@ -35,6 +35,7 @@ from repq.errors import RepqError
 from repq.reparam.adapt import unit_bn
 from repq.reparam.block import ReparamBlock
 from repq.reparam.io import atomic_save, verify_checksum
+from repq.reparam.mobileone import from_timm_key
 from repq.reparam.models import create_model, list_models
 
 # Wrappers that training code puts around a state dict, in the order they are tried: EMA weights first, since
@@ -80,12 +81,6 @@ def _positional(positions: tuple[tuple[str, Callable[[re.Match], str]], ...], he
     return rename
 
 
-def _timm_mobileone(key: str) -> str:
-    from repq.reparam.mobileone import from_timm_key
-
-    return from_timm_key(key)
-
-
 LAYOUTS: dict[str, Layout] = {
     "official": Layout(
         "official", "the official RepVGG code's layout (DingXiaoH/RepVGG; QARepVGG blocks in YOLOv6's naming)",
@@ -104,7 +99,7 @@ LAYOUTS: dict[str, Layout] = {
                     (("conv_kxk.", "rbr_dense."), ("conv_1x1.", "rbr_1x1."), ("identity.", "rbr_identity.")))),
     "timm-mobileone": Layout(
         "timm-mobileone", "timm's mobileone_* (timm.models.mobileone, the authors' released models)", ("mobileone",),
-        _timm_mobileone),
+        from_timm_key),
 }
 FORMATS = ("repq", *LAYOUTS)
 

@@ -42,8 +42,8 @@ def single_process(device: torch.device | str = "cpu") -> DistContext:
     return DistContext(0, 1, 0, torch.device(device), owns_group=False)
 
 
-def init_distributed(device: str = "auto") -> DistContext:
-    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), or run as one process."""
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """The torch device a device setting (auto, cpu, cuda[:N]) means for the process of ``local_rank``."""
     import re
 
     if not re.match(DEVICE_PATTERN, str(device)):
@@ -51,13 +51,17 @@ def init_distributed(device: str = "auto") -> DistContext:
     want_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if want_cuda and not torch.cuda.is_available():
         raise RepqError(f"device {device!r} asked for CUDA but none is available: use --device cpu")
+    if not want_cuda:
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), or run as one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if want_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        dev = torch.device("cuda", torch.cuda.current_device())
-    else:
-        dev = torch.device("cpu")
+    dev = resolve_device(device, local_rank)
     if world == 1 and not dist.is_initialized():
         return DistContext(0, 1, 0, dev, owns_group=False)
     owns = False
