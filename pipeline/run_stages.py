@@ -121,8 +121,8 @@ def train_stage(ctx: StageContext):
 
 def checkpoint_stage(ctx: StageContext):
     """The train stage of a recipe that starts from ``model.checkpoint``: no FP training; the checkpoint, imported
-    when it is foreign (`repq import`), checked against the data's classes and given its data record, is this
-    stage's output, scored in train and fused form like a trained one."""
+    when it is foreign (`repq import`, with the source's own strides), checked against the data's classes and given
+    its data record, is this stage's output, scored in train and fused form like a trained one."""
     from repq.calibration.datasets import ImageData, check_record_classes
     from repq.pipeline.recipe import stage_config
     from repq.reparam.importers import import_checkpoint
@@ -136,7 +136,8 @@ def checkpoint_stage(ctx: StageContext):
     if not isinstance(data, ImageData):
         raise RepqError("model.checkpoint starts a classification recipe: use a classification data set, or train "
                         "the super-resolution model (leave model.checkpoint out)")
-    ckpt = import_checkpoint(source, num_classes=data.num_classes, cifar=data.preset.image_size <= 64)
+    # a trained model keeps the strides it was trained with; model.kwargs.cifar=true rebuilds the zoo's 32x32 stem
+    ckpt = import_checkpoint(source, num_classes=data.num_classes, cifar=bool(ctx.recipe.model.kwargs.get("cifar")))
     check_record_classes(data, ckpt.get("data"))  # a repq checkpoint names its classes: they must be the data's
     ckpt.update(data=data.describe(), settings={**ckpt.get("settings", {}), "val_size": ctx.recipe.data.val_size,
                                                   "split_seed": ctx.recipe.data.split_seed})

@@ -76,3 +76,30 @@ def test_a_checkpoint_for_other_classes_is_one_line(run):
     done = repq("run", RECIPE, "--out", folder / "seven", f"model.checkpoint={checkpoint}", *TINY, *ONLY_TRAIN)
     lines = [line for line in done.stderr.strip().splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(lines) == 1 and "7-class head" in lines[0], done.stderr[-2000:]
+
+
+def test_the_imported_model_is_the_users_model(run):
+    """The run scores the timm model the user trained: its own strides (stem stride 2, even on 32x32 images), its
+    weights, its outputs; the zoo's 32x32 stem is only built on request (model.kwargs.cifar=true)."""
+    from repq.training.train import load_model_checkpoint
+
+    folder, out, _ = run
+    model, ckpt = load_model_checkpoint(out / "train" / "best.pt")
+    assert not ckpt["arch"].get("kwargs", {}).get("cifar")
+    source = timm.create_model("repvgg_a0", num_classes=10)
+    source.load_state_dict(torch.load(folder / "timm_a0.pth", weights_only=True)["state_dict"])
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), source.eval()(images), rtol=1e-5, atol=1e-5)
+
+
+def test_the_cifar_stem_is_built_on_request(run):
+    from repq.training.train import load_model_checkpoint
+
+    folder, _, _ = run
+    out = folder / "cifar_stem"
+    done = repq("run", RECIPE, "--out", out, f"model.checkpoint={folder / 'timm_a0.pth'}", "model.kwargs={cifar: true}",
+                *TINY, *ONLY_TRAIN)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model, ckpt = load_model_checkpoint(out / "train" / "best.pt")
+    assert ckpt["arch"]["kwargs"]["cifar"] and model.stem[0].stride == 1
