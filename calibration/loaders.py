@@ -68,10 +68,11 @@ def build_loaders(
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Reseed shuffling and augmentation for `epoch` (the same on every rank, and again after a resume)."""
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    if hasattr(loader.dataset, "set_epoch"):  # ImageSet, SRPatches: augmentation seeded per epoch
-        loader.dataset.set_epoch(epoch)
+    sampler, dataset = getattr(loader, "sampler", None), getattr(loader, "dataset", None)  # any iterable: no-op
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+    if hasattr(dataset, "set_epoch"):  # ImageSet, SRPatches: augmentation seeded per epoch
+        dataset.set_epoch(epoch)
 
 
 def calibration_indices(data: ImageData, num_images: int, seed: int = 0) -> np.ndarray:

@@ -58,9 +58,11 @@ class Layout:
 
 
 def _positional(positions: tuple[tuple[str, Callable[[re.Match], str]], ...], head: str,
-                inner: tuple[tuple[str, str], ...]) -> Callable[[str], str | None]:
-    """A rename for RepVGG-style networks: block positions (regex -> repq block prefix), the classifier, and the
-    block-inner prefixes (foreign -> repq); an inner key no prefix covers keeps its name (and matches nothing)."""
+                inner: tuple[tuple[str, str], ...], after: tuple[tuple[str, str], ...] = ()
+                ) -> Callable[[str], str | None]:
+    """A rename for RepVGG-style networks: block positions (regex -> repq block prefix), the classifier, the
+    block-inner prefixes (foreign -> repq) and those that repq keeps in the slot after the block (D2se's
+    squeeze-excitation); an inner key no prefix covers keeps its name (and matches nothing)."""
     compiled = tuple((re.compile(pattern), place) for pattern, place in positions)
     head_pattern = re.compile(head)
 
@@ -72,6 +74,9 @@ def _positional(positions: tuple[tuple[str, Callable[[re.Match], str]], ...], he
             found = pattern.fullmatch(key)
             if found:
                 rest = found.group("inner")
+                for foreign, ours in after:
+                    if rest.startswith(foreign):
+                        return _next_slot(place(found)) + ours + rest[len(foreign):]
                 for foreign, ours in inner:
                     if rest.startswith(foreign):
                         return place(found) + ours + rest[len(foreign):]
@@ -79,6 +84,12 @@ def _positional(positions: tuple[tuple[str, Callable[[re.Match], str]], ...], he
         return None
 
     return rename
+
+
+def _next_slot(prefix: str) -> str:
+    """``stages.1.4.`` -> ``stages.1.5.``: the module after a block in its Sequential."""
+    head, index = re.fullmatch(r"(.*\.)(\d+)\.", prefix).groups()
+    return f"{head}{int(index) + 1}."
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -89,14 +100,15 @@ LAYOUTS: dict[str, Layout] = {
                      (r"stage(?P<s>[1-4])\.(?P<i>\d+)\.(?P<inner>.+)",
                       lambda m: f"stages.{int(m['s']) - 1}.{2 * int(m['i'])}.")),
                     r"linear\.(weight|bias)",
-                    (("rbr_reparam.", "reparam_conv."), ("bn.", "post_bn.")))),
+                    (("rbr_reparam.", "reparam_conv."), ("bn.", "post_bn.")), (("se.", "se."),))),
     "timm": Layout(
         "timm", "timm's repvgg_* (timm.models.byobnet)", ("repvgg",),
         _positional(((r"stem\.(?P<inner>.+)", lambda m: "stem.0."),
                      (r"stages\.(?P<s>\d+)\.(?P<i>\d+)\.(?P<inner>.+)",
                       lambda m: f"stages.{m['s']}.{2 * int(m['i'])}.")),
                     r"head\.fc\.(weight|bias)",
-                    (("conv_kxk.", "rbr_dense."), ("conv_1x1.", "rbr_1x1."), ("identity.", "rbr_identity.")))),
+                    (("conv_kxk.", "rbr_dense."), ("conv_1x1.", "rbr_1x1."), ("identity.", "rbr_identity.")),
+                    (("attn.fc1.", "se.down."), ("attn.fc2.", "se.up.")))),
     "timm-mobileone": Layout(
         "timm-mobileone", "timm's mobileone_* (timm.models.mobileone, the authors' released models)", ("mobileone",),
         from_timm_key),
@@ -302,9 +314,9 @@ def _fold_post_bn(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _head_and_input(state: dict[str, Tensor], shown: str) -> tuple[int, int]:
-    """(classes, input channels): the classifier's rows and the stem convs' input channels."""
+    """(classes, input channels): the classifier's rows and the stem block's input channels (not its SE's)."""
     heads = [v for k, v in state.items() if k.startswith("head.") and k.endswith(".weight") and v.ndim == 2]
-    stems = [v for k, v in state.items() if k.startswith("stem.") and v.ndim == 4]
+    stems = [v for k, v in state.items() if k.startswith("stem.") and ".se." not in k and v.ndim == 4]
     if len(heads) != 1 or not stems:
         missing = "classifier" if len(heads) != 1 else "stem"
         raise RepqError(f"{shown} has no {missing} weights: pass the whole model's checkpoint, not a part of it")

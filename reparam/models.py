@@ -28,9 +28,10 @@ class RepVGGConfig:
     depths: tuple[int, int, int, int]
     widths: tuple[float, float, float, float]
     groups: int = 1  # on the paper's "optional group-wise" layers 2, 4, ..., 26
+    se: bool = False  # squeeze-excitation after every block's sum (D2se)
 
 
-A_DEPTHS, B_DEPTHS = (2, 4, 14, 1), (4, 6, 16, 1)
+A_DEPTHS, B_DEPTHS, D_DEPTHS = (2, 4, 14, 1), (4, 6, 16, 1), (8, 14, 24, 1)
 REPVGG_CONFIGS: dict[str, RepVGGConfig] = {
     "a0": RepVGGConfig(A_DEPTHS, (0.75, 0.75, 0.75, 2.5)),
     "a1": RepVGGConfig(A_DEPTHS, (1, 1, 1, 2.5)),
@@ -40,8 +41,12 @@ REPVGG_CONFIGS: dict[str, RepVGGConfig] = {
     "b1g2": RepVGGConfig(B_DEPTHS, (2, 2, 2, 4), groups=2),
     "b1g4": RepVGGConfig(B_DEPTHS, (2, 2, 2, 4), groups=4),
     "b2": RepVGGConfig(B_DEPTHS, (2.5, 2.5, 2.5, 5)),
+    "b2g2": RepVGGConfig(B_DEPTHS, (2.5, 2.5, 2.5, 5), groups=2),
     "b2g4": RepVGGConfig(B_DEPTHS, (2.5, 2.5, 2.5, 5), groups=4),
     "b3": RepVGGConfig(B_DEPTHS, (3, 3, 3, 5)),
+    "b3g2": RepVGGConfig(B_DEPTHS, (3, 3, 3, 5), groups=2),
+    "b3g4": RepVGGConfig(B_DEPTHS, (3, 3, 3, 5), groups=4),
+    "d2se": RepVGGConfig(D_DEPTHS, (2.5, 2.5, 2.5, 5), se=True),  # the official code's D2se (320 px in its zoo)
 }
 GROUPWISE_LAYERS = frozenset(range(2, 27, 2))
 
@@ -51,8 +56,33 @@ def _channels(base: float, width_mult: float) -> int:
     return max(8, int(round(base * width_mult / 8)) * 8)
 
 
+class SqueezeExcite(nn.Module):
+    """Channel gates from the global mean (Hu et al., CVPR 2018), as RepVGG-D2se applies them after a block's sum:
+    x * sigmoid(up(relu(down(mean(x))))), 1x1 convs with bias, ``hidden`` = channels / 16."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.down = nn.Conv2d(channels, hidden, 1)
+        self.up = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.up(F.relu(self.down(x.mean((2, 3), keepdim=True)))))
+
+
+class SEReLU(nn.Module):
+    """The slot after a D2se block: relu(se(x)); a module of its own so the block stays a pure re-param block."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.se = SqueezeExcite(channels, max(1, channels // 16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.se(x))
+
+
 class RepVGGNet(nn.Module):
-    """RepVGG / QARepVGG: a plain stack of re-param blocks, each followed by ReLU, then GAP + linear.
+    """RepVGG / QARepVGG: a plain stack of re-param blocks, each followed by ReLU (D2se: squeeze-excitation, then
+    ReLU), then GAP + linear.
 
     ``cifar=True`` keeps full resolution in the stem and the first stage (three downsamplings instead of five),
     for 32x32 inputs.
@@ -64,14 +94,17 @@ class RepVGGNet(nn.Module):
         widths = [_channels(64 * config.widths[0], width_mult), _channels(128 * config.widths[1], width_mult),
                   _channels(256 * config.widths[2], width_mult), _channels(512 * config.widths[3], width_mult)]
         stem_out = min(_channels(64, width_mult), widths[0])
-        self.stem = nn.Sequential(block(in_chans, stem_out, 3, 1 if cifar else 2, deploy=deploy), nn.ReLU())
+        def after(channels: int) -> nn.Module:
+            return SEReLU(channels) if config.se else nn.ReLU()
+
+        self.stem = nn.Sequential(block(in_chans, stem_out, 3, 1 if cifar else 2, deploy=deploy), after(stem_out))
         layers, c_in, layer_idx = [], stem_out, 1
         for stage, (depth, c_out) in enumerate(zip(config.depths, widths, strict=True)):
             stage_layers = []
             for i in range(depth):
                 stride = 2 if i == 0 and not (cifar and stage == 0) else 1
                 groups = config.groups if layer_idx in GROUPWISE_LAYERS else 1
-                stage_layers += [block(c_in, c_out, 3, stride, groups, deploy=deploy), nn.ReLU()]
+                stage_layers += [block(c_in, c_out, 3, stride, groups, deploy=deploy), after(c_out)]
                 c_in, layer_idx = c_out, layer_idx + 1
             layers.append(nn.Sequential(*stage_layers))
         self.stages = nn.Sequential(*layers)

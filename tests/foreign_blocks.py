@@ -32,14 +32,29 @@ def _eye(channels: int, groups: int, like: torch.Tensor) -> torch.Tensor:
     return kernel
 
 
+class RefSEBlock(nn.Module):
+    """The official code's SEBlock (D2se): ``down``/``up`` 1x1 convs with bias on the average-pooled input, ReLU
+    between, a sigmoid gate; internal neurons = channels // 16."""
+
+    def __init__(self, channels: int, internal: int):
+        super().__init__()
+        self.down = nn.Conv2d(channels, internal, 1, bias=True)
+        self.up = nn.Conv2d(internal, channels, 1, bias=True)
+
+    def forward(self, x):
+        gate = F.avg_pool2d(x, kernel_size=x.size(3))
+        return x * torch.sigmoid(self.up(F.relu(self.down(gate))))
+
+
 class RefRepVGGBlock(nn.Module):
     """The official RepVGG block (also YOLOv6's RepVGGBlock): ReLU(se(dense + 1x1 + identity))."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int = 1, groups: int = 1, act: nn.Module | None = None):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, groups: int = 1, act: nn.Module | None = None,
+                 use_se: bool = False):
         super().__init__()
         self.c_in, self.groups = c_in, groups
         self.nonlinearity = act if act is not None else nn.ReLU()
-        self.se = nn.Identity()
+        self.se = RefSEBlock(c_out, c_out // 16) if use_se else nn.Identity()
         self.rbr_identity = nn.BatchNorm2d(c_in) if c_in == c_out and stride == 1 else None
         self.rbr_dense = conv_bn(c_in, c_out, 3, stride, 1, groups)
         self.rbr_1x1 = conv_bn(c_in, c_out, 1, stride, 0, groups)
@@ -95,13 +110,15 @@ class RefQARepVGGBlock(RefRepVGGBlock):
         self._deploy(weight, bias)
 
 
-# The official code's variants: depths, width multipliers, group-wise layers.
+# The official code's model zoo (its func_dict): depths, width multipliers, group-wise layers, SE (D2se).
 OFFICIAL_VARIANTS = {
     "a0": ((2, 4, 14, 1), (0.75, 0.75, 0.75, 2.5), 1), "a1": ((2, 4, 14, 1), (1, 1, 1, 2.5), 1),
     "a2": ((2, 4, 14, 1), (1.5, 1.5, 1.5, 2.75), 1), "b0": ((4, 6, 16, 1), (1, 1, 1, 2.5), 1),
     "b1": ((4, 6, 16, 1), (2, 2, 2, 4), 1), "b1g2": ((4, 6, 16, 1), (2, 2, 2, 4), 2),
     "b1g4": ((4, 6, 16, 1), (2, 2, 2, 4), 4), "b2": ((4, 6, 16, 1), (2.5, 2.5, 2.5, 5), 1),
-    "b2g4": ((4, 6, 16, 1), (2.5, 2.5, 2.5, 5), 4), "b3": ((4, 6, 16, 1), (3, 3, 3, 5), 1),
+    "b2g2": ((4, 6, 16, 1), (2.5, 2.5, 2.5, 5), 2), "b2g4": ((4, 6, 16, 1), (2.5, 2.5, 2.5, 5), 4),
+    "b3": ((4, 6, 16, 1), (3, 3, 3, 5), 1), "b3g2": ((4, 6, 16, 1), (3, 3, 3, 5), 2),
+    "b3g4": ((4, 6, 16, 1), (3, 3, 3, 5), 4), "d2se": ((8, 14, 24, 1), (2.5, 2.5, 2.5, 5), 1, True),
 }
 
 
@@ -110,14 +127,16 @@ class RefRepVGG(nn.Module):
 
     def __init__(self, variant: str = "a0", num_classes: int = 1000, block=RefRepVGGBlock):
         super().__init__()
-        depths, widths, groups = OFFICIAL_VARIANTS[variant]
+        depths, widths, groups, *se = OFFICIAL_VARIANTS[variant]
+        extra = {"use_se": True} if se else {}
         planes = min(64, int(64 * widths[0]))
-        self.stage0 = block(3, planes, 2)
+        self.stage0 = block(3, planes, 2, **extra)
         layer = 1
         for s, (depth, base) in enumerate(zip(depths, (64, 128, 256, 512), strict=True), start=1):
             out, blocks = int(base * widths[s - 1]), []
             for i in range(depth):
-                blocks.append(block(planes, out, 2 if i == 0 else 1, groups if layer % 2 == 0 and layer <= 26 else 1))
+                blocks.append(block(planes, out, 2 if i == 0 else 1, groups if layer % 2 == 0 and layer <= 26 else 1,
+                                    **extra))
                 planes, layer = out, layer + 1
             setattr(self, f"stage{s}", nn.Sequential(*blocks))
         self.gap = nn.AdaptiveAvgPool2d(1)

@@ -77,6 +77,18 @@ def test_every_official_variant_resolves_to_its_zoo_model(variant, deploy):
     assert (found.name, found.classes, found.deploy) == (f"repvgg_{variant}", 5, deploy)
 
 
+@pytest.mark.parametrize("deploy", [False, True], ids=["train", "deploy"])
+def test_official_d2se_with_its_squeeze_excitation_imports_exactly(deploy):
+    """D2se's SE (``se.down``/``se.up`` after each block's sum) lands in the slot after the block; 32x32 inputs keep
+    the 133M-parameter reference cheap (a 1x1 map at the end)."""
+    source = randomize(RefRepVGG("d2se", num_classes=10))
+    if deploy:
+        source.switch_to_deploy()
+    ckpt = import_checkpoint(source.state_dict())
+    assert ckpt["arch"]["name"] == "repvgg_d2se" and ckpt["imported"]["deploy"] == deploy
+    _check_exact(source, ckpt, size=32)
+
+
 # ------------------------------------------------------------------------------------------ timm
 
 
@@ -106,17 +118,28 @@ def test_a_deployed_timm_state_dict_under_ema_imports_exactly(tmp_path):
     assert all(not b.rbr_1x1.bn.weight.detach().any() and b.rbr_1x1.conv.weight.detach().any() for b in blocks)
 
 
-@pytest.mark.parametrize("name", ["repvgg_a1", "repvgg_b1g4", "repvgg_b2g4", "repvgg_b3"])
-def test_timm_variants_resolve_to_their_zoo_model(name):
+@pytest.mark.parametrize("name", timm.list_models("repvgg_*"))
+def test_every_timm_repvgg_resolves_to_its_zoo_model(name):
     assert name.removeprefix("repvgg_") in REPVGG_CONFIGS
     with torch.device("meta"):
         source = timm.create_model(name, num_classes=1000)
     assert resolve(source.state_dict()).name == name
 
 
+def test_a_live_timm_d2se_imports_exactly():
+    source = randomize(timm.create_model("repvgg_d2se", num_classes=10))
+    ckpt = import_checkpoint(source)
+    assert ckpt["arch"]["name"] == "repvgg_d2se"
+    _check_exact(source, ckpt, size=32)
+
+
 def test_a_timm_variant_the_zoo_lacks_names_the_closest():
+    from timm.models.byobnet import ByobNet, ByoModelCfg, _rep_vgg_bcfg
+
+    # B3's depths and widths with a wider last stage: a RepVGG no zoo (the official, timm's, repq's) has
     with torch.device("meta"):
-        source = timm.create_model("repvgg_b3g4", num_classes=1000)
+        source = ByobNet(ByoModelCfg(blocks=_rep_vgg_bcfg(wf=(3.0, 3.0, 3.0, 6.0)), stem_type="rep"),
+                         num_classes=1000)
     with pytest.raises(RepqError, match="matches no repq model; closest: repvgg_b3, .* tensors differ"):
         resolve(source.state_dict())
 
@@ -334,8 +357,8 @@ def _truncated(folder, a1_file):
 
 def _unknown_keys(folder, a1_file):
     state = torch.load(a1_file, weights_only=True)
-    state["stage1.0.se.down.weight"] = torch.zeros(4, 64, 1, 1)  # an SE block repq's zoo has not
-    path = folder / "with_se.pth"
+    state["stage1.0.rbr_gate.weight"] = torch.zeros(64, 1, 1, 1)  # a branch no RepVGG has
+    path = folder / "with_gate.pth"
     torch.save(state, path)
     return path
 
@@ -350,7 +373,7 @@ def _pickled_model(folder, a1_file):
     ("wrong_variant", ["--model", "repvgg_a0"], "holds a repvgg_a1 .*not a repvgg_a0: pass --model repvgg_a1"),
     ("class_count", ["--num-classes", "1000"], "has a 10-class head, but 1000 classes are asked for"),
     ("truncated", [], "is truncated or not a PyTorch checkpoint"),
-    ("unknown_keys", [], r"1 of \d+ keys fit no repq model \(stage1.0.se.down.weight\); closest known format: "
+    ("unknown_keys", [], r"1 of \d+ keys fit no repq model \(stage1.0.rbr_gate.weight\); closest known format: "
                          "official"),
     ("pickled", [], "holds pickled Python objects .*weights_only=True"),
     ("bad_format", ["--format", "timm"], "fit no repq model"),

@@ -28,11 +28,18 @@ def small(name):
 
 
 @pytest.mark.parametrize("name,millions", [("repvgg_a0", 8.30), ("repvgg_b0", 14.33), ("repvgg_b1", 51.82),
-                                           ("plain_a0", 8.30), ("qarepvgg_a0", 8.30)])
+                                           ("repvgg_b3g4", 75.62), ("plain_a0", 8.30), ("qarepvgg_a0", 8.30)])
 def test_fused_parameter_count_matches_the_paper(name, millions):
     fused = fuse_model(create_model(name, num_classes=1000))
     count = sum(p.numel() for p in fused.parameters()) / 1e6
     assert abs(count - millions) / millions < 0.005
+
+
+def test_d2se_parameter_count_matches_the_official_zoo():
+    """The official README lists RepVGG-D2se at 133.33M parameters: the train form's count (fused: 120.39M)."""
+    with torch.device("meta"):
+        model = create_model("repvgg_d2se", num_classes=1000)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 133.33
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
