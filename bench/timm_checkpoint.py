@@ -49,7 +49,7 @@ def train(args: argparse.Namespace) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_data(args.data, preset="cifar", val_size=5000, seed=0)
+    data = load_data(args.data, preset="cifar", val_size=args.val_size, seed=0)
     train_loader, val_loader = build_loaders(data, args.batch_size, seed=args.seed)
     torch.manual_seed(args.seed)
     model = timm.create_model("repvgg_a0", num_classes=data.num_classes)
@@ -75,7 +75,9 @@ def train(args: argparse.Namespace) -> dict:
         began = time.perf_counter()
         model.train()
         set_loader_epoch(train_loader, epoch)
-        for images, labels in train_loader:
+        for step, (images, labels) in enumerate(train_loader):
+            if args.max_steps and step >= args.max_steps:
+                break
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--weight-decay", type=float, default=5e-4)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU")
+    run.add_argument("--val-size", type=float, default=5000, help="held-out images (the recipe's data.val_size)")
+    run.add_argument("--max-steps", type=int, default=0, help="steps per epoch at most (0: all; for a smoke test)")
     args = parser.parse_args(argv)
     summary = train(args)
     print(f"timm repvgg_a0: val top-1 {summary['val_top1']:.2f}% after {args.epochs} epochs")
