@@ -69,7 +69,7 @@ def train(args: argparse.Namespace) -> dict:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
-        start, history = state["epoch"], json.loads(state["history"])
+        start, history = state["epoch"], state["history"]
         print(f"resumed after epoch {start}")
     for epoch in range(start, args.epochs):
         began = time.perf_counter()
@@ -89,7 +89,7 @@ def train(args: argparse.Namespace) -> dict:
                         "seconds": round(time.perf_counter() - began, 1)})
         print(json.dumps(history[-1]), flush=True)
         save({"epoch": epoch + 1, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-              "scheduler": schedule.state_dict(), "history": json.dumps(history)}, last)
+              "scheduler": schedule.state_dict(), "history": history}, last)
     # timm's train.py checkpoint: the weights under state_dict, beside the run's settings and metric
     final = {"epoch": args.epochs, "arch": "repvgg_a0", "state_dict": model.state_dict(),
              "optimizer": optimizer.state_dict(), "version": 2, "args": args, "metric": history[-1]["val_top1"]}

@@ -94,6 +94,7 @@ class RepVGGNet(nn.Module):
         widths = [_channels(64 * config.widths[0], width_mult), _channels(128 * config.widths[1], width_mult),
                   _channels(256 * config.widths[2], width_mult), _channels(512 * config.widths[3], width_mult)]
         stem_out = min(_channels(64, width_mult), widths[0])
+
         def after(channels: int) -> nn.Module:
             return SEReLU(channels) if config.se else nn.ReLU()
 
